@@ -1,0 +1,1 @@
+"""A Ray-controlled training orchestrator for decoder-only language models."""

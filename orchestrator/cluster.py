@@ -1,0 +1,50 @@
+"""Connecting to Ray: an embedded local cluster by default, or cluster.address."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from orchestrator.config import ClusterConfig
+from orchestrator.errors import ConfigError
+
+
+@contextlib.contextmanager
+def connect(cfg: ClusterConfig):
+    """Yields with Ray initialized; shuts down only a cluster this call started.
+
+    An already-initialized Ray (a test session's shared cluster, a Ray job) is reused.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True)
+    else:
+        num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def device_type(cfg: ClusterConfig) -> str:
+    """cuda when asked for, or (auto) when the cluster has a GPU for every worker; else cpu."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "cuda":
+        if gpus < cfg.num_workers:
+            raise ConfigError("cluster.device", f"cuda needs {cfg.num_workers} GPUs, the cluster has {gpus:g}")
+        return "cuda"
+    if cfg.device == "auto" and gpus >= cfg.num_workers:
+        return "cuda"
+    return "cpu"

@@ -1,0 +1,278 @@
+"""Typed job configuration.
+
+Every Hydra group maps onto a dataclass registered in Hydra's ConfigStore under
+``schema/<group>``; the YAML files in ``conf/`` extend those schemas, so a
+misspelt key or a wrong type fails at composition with the key's name.
+``validate`` then checks what types cannot express (sizes that must divide,
+paths that must exist) before any worker starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+from orchestrator.errors import ConfigError
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    vocab_size: int = 2048
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 688
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # Local files only: .txt (whole file is one document), .jsonl/.json, .parquet.
+    paths: list[str] = MISSING
+    text_field: str = "text"
+    seq_len: int = 128
+    shuffle: bool = True
+    # Tokenizer and tokenized blocks are cached here, keyed by content hash.
+    cache_dir: str = "~/.cache/forgeline"
+    # Fraction of blocks held out for evaluation (0 disables evaluation).
+    val_fraction: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    # Save every N steps (0: only at the end). The last step is always saved.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    # Evaluate on the held-out split every N steps (0: never).
+    eval_every: int = 0
+    # Stop cleanly after this step (saving a checkpoint) although max_steps is
+    # larger, as Megatron's exit interval; resume later with run.resume=true.
+    exit_at_step: int = 0
+    max_restarts: int = 0
+    # Text sample at the end of the job (0 tokens: none).
+    sample_tokens: int = 64
+    sample_prompt: str = "ROMEO:"
+
+
+@dataclass
+class ClusterConfig:
+    # None: start an embedded local Ray cluster. Otherwise a Ray address.
+    address: Optional[str] = None
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    # auto: CUDA when the cluster has a GPU for every worker, else CPU.
+    device: str = "auto"  # auto | cpu | cuda
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    # Embedded cluster only: logical CPUs to advertise (0: max(cores, workers * cpus_per_worker)).
+    num_cpus: int = 0
+    include_dashboard: bool = False
+    start_timeout_s: float = 120.0
+
+
+@dataclass
+class WandbConfig:
+    # offline: a local run directory that `wandb sync` can upload later.
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "forgeline"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    name: str = "job"
+    resume: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's options; each strategy file subclasses it."""
+
+    name: str = MISSING
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    # auto: bf16 on CUDA, fp32 on CPU.
+    precision: str = "auto"  # auto | fp32 | bf16
+
+
+CHOICES = {
+    "precision": ("auto", "fp32", "bf16"),
+    "cluster.device": ("auto", "cpu", "cuda"),
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "logging.wandb.mode": ("offline", "online", "disabled"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.name": ("adamw",),
+}
+
+
+def register_schemas() -> None:
+    """Registers the schemas with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    import strategies
+
+    if not OmegaConf.has_resolver("sample_data"):
+        OmegaConf.register_new_resolver("sample_data", lambda name: str(SAMPLES_DIR / name))
+    cs = ConfigStore.instance()
+    # The root schema types every group; strategies differ in their options, so
+    # each strategy's YAML extends its own schema from schema/strategy/<name>.
+    cs.store(name="job_schema", node=JobConfig)
+    for name, config_cls in strategies.config_classes().items():
+        cs.store(group="schema/strategy", name=name, node=config_cls)
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """A composed DictConfig (or plain dict) -> typed JobConfig, validated."""
+    import strategies
+
+    if not isinstance(cfg, dict):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
+    cfg.pop("hydra", None)
+    strategy = dict(cfg.get("strategy") or {})
+    name = strategy.get("name")
+    classes = strategies.config_classes()
+    if name not in classes:
+        raise ConfigError("strategy", f"unknown strategy {name!r}; allowed: {', '.join(sorted(classes))}")
+    base = OmegaConf.structured(JobConfig)
+    base.strategy = OmegaConf.structured(classes[name])
+    try:
+        merged = OmegaConf.merge(base, cfg)
+    except Exception as exc:  # omegaconf's errors name the full key
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(str(key), str(exc).splitlines()[0]) from None
+    job: JobConfig = OmegaConf.to_object(merged)
+    validate(job)
+    return job
+
+
+def _check_choice(key: str, value: str) -> None:
+    allowed = CHOICES[key]
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def validate(job: JobConfig) -> None:
+    """Checks what types cannot. Raises ConfigError naming the key."""
+    import strategies
+
+    for key in CHOICES:
+        obj: Any = job
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        _check_choice(key, obj)
+
+    c = job.cluster
+    if c.num_workers < 1:
+        raise ConfigError("cluster.num_workers", f"must be >= 1, got {c.num_workers}")
+    if c.cpus_per_worker < 1:
+        raise ConfigError("cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
+
+    m = job.model
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    if m.vocab_size < 258:
+        raise ConfigError("model.vocab_size", f"a byte-level tokenizer needs at least 258 entries, got {m.vocab_size}")
+    if m.dim % m.n_heads:
+        raise ConfigError("model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.dim", "the head size dim/n_heads must be even for rotary embeddings")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError("model.n_kv_heads", f"model.n_heads={m.n_heads} is not divisible by {m.n_kv_heads}")
+
+    d = job.data
+    if not d.paths:
+        raise ConfigError("data.paths", "at least one file is needed")
+    for p in d.paths:
+        if not Path(os.path.expanduser(p)).is_file():
+            raise ConfigError("data.paths", f"no such file: {p}")
+    if d.seq_len < 2 or d.seq_len > m.max_seq_len:
+        raise ConfigError("data.seq_len", f"must be in [2, model.max_seq_len={m.max_seq_len}], got {d.seq_len}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+
+    t = job.trainer
+    for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("checkpoint_every", "eval_every", "exit_at_step", "max_restarts", "sample_tokens"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"trainer.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError("trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+
+    o = job.optim
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"must be > 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", f"two numbers in [0, 1) are needed, got {list(o.betas)}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+
+    topo = strategies.get(job.strategy.name).topology(job.strategy, c.num_workers)
+    topo.check_model(m.n_heads, m.n_kv_heads, m.n_layers, m.vocab_size)
+    per_step = t.micro_batch_size * topo.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"{t.global_batch_size} is not divisible by trainer.micro_batch_size * data-parallel size "
+            f"= {t.micro_batch_size} * {topo.dp} = {per_step}",
+        )
+
+
+def compose(overrides: list[str] | None = None) -> JobConfig:
+    """The typed job for these Hydra overrides, composed from conf/ without a command line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return to_job_config(cfg)

@@ -1,0 +1,162 @@
+"""The job controller: an explicit state machine on the driver.
+
+PENDING -> STARTING -> RUNNING -> (RESTARTING -> STARTING ->) SUCCEEDED | FAILED
+
+It knows nothing about strategies: it starts a worker group, forwards metrics
+to the sinks, and asks the restart policy what to do when a rank fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from orchestrator import checkpoint
+from orchestrator.config import JobConfig
+from orchestrator.data import PreparedData
+from orchestrator.metrics import Sink, build_summary, read_history
+from orchestrator.worker_group import WorkerFailure, WorkerGroup
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+TRANSITIONS = {
+    JobState.PENDING: {JobState.STARTING, JobState.FAILED},
+    JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.FAILED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.RESTARTING, JobState.FAILED},
+    JobState.RESTARTING: {JobState.STARTING, JobState.FAILED},
+    JobState.SUCCEEDED: set(),
+    JobState.FAILED: set(),
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    restart: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int
+
+    def decide(self, failure: Exception, restarts_so_far: int) -> Decision:
+        if restarts_so_far < self.max_restarts:
+            return Decision(True, f"restart {restarts_so_far + 1} of {self.max_restarts} after: {failure}")
+        return Decision(False, f"{failure} (restarts used: {restarts_so_far} of {self.max_restarts})")
+
+
+class JobController:
+    def __init__(
+        self,
+        job: JobConfig,
+        make_group: Callable[[], WorkerGroup],
+        prepare_data: Callable[[], PreparedData],
+        sinks: list[Sink],
+        command_start: float,
+        poll_interval_s: float = 0.25,
+    ):
+        self.job = job
+        self.make_group = make_group
+        self.prepare_data = prepare_data
+        self.sinks = sinks
+        self.command_start = command_start
+        self.poll_interval_s = poll_interval_s
+        self.state = JobState.PENDING
+        self.transitions: list[tuple[JobState, float]] = [(self.state, time.time())]
+        self.restarts = 0
+        self.history: list[dict] = []
+        self.run_metrics: list[dict] = []
+
+    def _to(self, state: JobState) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"illegal job transition {self.state.value} -> {state.value}")
+        self.state = state
+        self.transitions.append((state, time.time()))
+
+    def _resume_step(self, job: JobConfig) -> int:
+        if not job.run.resume:
+            return 0
+        path = checkpoint.latest(job.run.dir)
+        return checkpoint.read_trainer_state(path).step if path else 0
+
+    def _watch(self, group: WorkerGroup) -> list[dict]:
+        while True:
+            metrics, outcomes = group.poll(self.poll_interval_s)
+            for m in metrics:
+                self.history.append(m)
+                self.run_metrics.append(m)
+                for sink in self.sinks:
+                    sink.log(m)
+            if outcomes is not None:
+                return outcomes
+
+    def run(self) -> dict:
+        job = self.job
+        Path(job.run.dir).mkdir(parents=True, exist_ok=True)
+        data: PreparedData | None = None
+        outcomes = None
+        error = None
+        sample = None
+        n_params = None
+        sinks_started = False
+        self._to(JobState.STARTING)
+        try:
+            while True:
+                group = self.make_group()  # actors start in the background
+                try:
+                    if data is None:
+                        data = self.prepare_data()
+                    self.history = read_history(job.run.dir, self._resume_step(job))
+                    if not sinks_started:
+                        for sink in self.sinks:
+                            sink.start(list(self.history))
+                        sinks_started = True
+                    group.setup(job, data, job.run.dir)
+                    self._to(JobState.RUNNING)
+                    group.start_training()
+                    outcomes = self._watch(group)
+                    n_params = group.n_params()
+                    if job.trainer.sample_tokens:
+                        sample = group.sample(job.trainer.sample_prompt, job.trainer.sample_tokens)
+                    self._to(JobState.SUCCEEDED)
+                    break
+                except WorkerFailure as failure:
+                    decision = RestartPolicy(job.trainer.max_restarts).decide(failure, self.restarts)
+                    if not decision.restart:
+                        error = decision.reason
+                        self._to(JobState.FAILED)
+                        break
+                    self.restarts += 1
+                    self._to(JobState.RESTARTING)
+                    job = dataclasses.replace(job, run=dataclasses.replace(job.run, resume=True))
+                    self._to(JobState.STARTING)
+                finally:
+                    group.shutdown()
+        except KeyboardInterrupt:
+            error = "interrupted"
+            if TRANSITIONS[self.state]:
+                self._to(JobState.FAILED)
+            raise
+        finally:
+            summary = build_summary(
+                job, self.state.value, self.history,
+                self.run_metrics, outcomes, self.command_start, time.time(), self.restarts, error, sample, n_params,
+            )
+            Path(job.run.dir, "summary.json").write_text(json.dumps(summary, indent=2))
+            if sinks_started:
+                for sink in self.sinks:
+                    sink.finish(summary)
+            self.summary = summary
+        return summary

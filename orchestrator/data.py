@@ -1,0 +1,218 @@
+"""Data: local files -> datasets -> a locally trained byte-level BPE -> packed blocks.
+
+``prepare`` runs once on the driver and caches its output (tokenizer.json and a
+flat array of token ids) under ``data.cache_dir``, keyed by the content of the
+input files and the tokenizer settings. Workers memory-map the token array and
+draw fixed-length blocks through ``BlockSampler``, whose position is one integer
+(global samples consumed) that a checkpoint saves and restores.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.config import DataConfig
+from orchestrator.errors import ConfigError
+
+# Nothing is ever fetched from a hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+EOS = "<|endoftext|>"
+FORMAT_VERSION = 1
+_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    tokens_path: str
+    tokenizer_path: str
+    n_tokens: int
+    eos_id: int
+    vocab_size: int
+
+
+def _files_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_documents(paths: list[Path], text_field: str, cache_dir: Path):
+    """One ``datasets.Dataset`` with a single ``text`` column, one row per document."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    by_builder: dict[str, list[str]] = {}
+    for p in paths:
+        builder = _BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise ConfigError("data.paths", f"{p}: unsupported file type; allowed: {', '.join(sorted(_BUILDERS))}")
+        by_builder.setdefault(builder, []).append(str(p))
+    parts = []
+    for builder, files in by_builder.items():
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=str(cache_dir / "hf"), **kwargs)
+        field = "text" if builder == "text" else text_field
+        if field not in ds.column_names:
+            raise ConfigError("data.text_field", f"{field!r} is not a column of {files}; columns: {ds.column_names}")
+        ds = ds.select_columns([field])
+        if field != "text":
+            ds = ds.rename_column(field, "text")
+        parts.append(ds)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def train_tokenizer(texts, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def _split_lines(text: str, chunk_chars: int = 1 << 16) -> list[str]:
+    """Cuts a long document at line ends so that the tokenizer can work in parallel."""
+    if len(text) <= chunk_chars:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_chars)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def prepare(cfg: DataConfig, vocab_size: int) -> PreparedData:
+    """Tokenizer + token ids for the files in ``cfg``, from cache when possible."""
+    paths = [Path(os.path.expanduser(p)).resolve() for p in cfg.paths]
+    key = hashlib.sha256(
+        json.dumps([FORMAT_VERSION, _files_digest(paths), vocab_size, cfg.text_field]).encode()
+    ).hexdigest()[:24]
+    cache_root = Path(os.path.expanduser(cfg.cache_dir))
+    out = cache_root / "tokenized" / key
+    meta_path = out / "meta.json"
+    if not meta_path.exists():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        docs = load_documents(paths, cfg.text_field, cache_root)
+        texts = [t for t in docs["text"] if t]
+        tok = train_tokenizer(texts, vocab_size)
+        eos_id = tok.token_to_id(EOS)
+        pieces = []
+        for doc in texts:
+            for enc in tok.encode_batch(_split_lines(doc)):
+                pieces.append(np.asarray(enc.ids, dtype=np.int64))
+            pieces.append(np.asarray([eos_id], dtype=np.int64))
+        ids = np.concatenate(pieces)
+        dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
+        tmp = Path(tempfile.mkdtemp(dir=cache_root / "tokenized" if (cache_root / "tokenized").exists() else cache_root))
+        np.save(tmp / "tokens.npy", ids.astype(dtype))
+        tok.save(str(tmp / "tokenizer.json"))
+        meta = {"n_tokens": int(ids.size), "eos_id": eos_id, "vocab_size": tok.get_vocab_size(),
+                "files": [str(p) for p in paths]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, out)  # atomic publish; a concurrent writer may have won
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads(meta_path.read_text())
+    return PreparedData(
+        tokens_path=str(out / "tokens.npy"),
+        tokenizer_path=str(out / "tokenizer.json"),
+        n_tokens=meta["n_tokens"],
+        eos_id=meta["eos_id"],
+        vocab_size=meta["vocab_size"],
+    )
+
+
+class TokenBlocks:
+    """Fixed-length blocks of seq_len + 1 tokens over a memory-mapped id array."""
+
+    def __init__(self, tokens_path: str, seq_len: int, val_fraction: float = 0.0):
+        self.tokens = np.load(tokens_path, mmap_mode="r")
+        self.seq_len = seq_len
+        total = (len(self.tokens) - 1) // seq_len
+        n_val = int(total * val_fraction)
+        self.n_train = total - n_val
+        self.n_val = n_val
+        if self.n_train < 1:
+            raise ConfigError("data.seq_len", f"the data holds {len(self.tokens)} tokens, too few for one block of {seq_len}")
+
+    def batch(self, block_ids: np.ndarray, split: str = "train"):
+        import torch
+
+        offset = 0 if split == "train" else self.n_train
+        starts = (np.asarray(block_ids) + offset) * self.seq_len
+        arr = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        t = torch.from_numpy(arr)
+        return t[:, :-1], t[:, 1:]
+
+
+class BlockSampler:
+    """Deterministic, resumable, sharded order over ``n_blocks`` blocks.
+
+    Step k uses global samples [k*G, (k+1)*G) of an endless sequence made of one
+    seeded permutation per epoch. Data-parallel rank r takes the r-th contiguous
+    slice of G/dp samples and cuts it into micro-batches. The state is the count
+    of global samples consumed, so it does not depend on the world size.
+    """
+
+    def __init__(self, n_blocks: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 seed: int, shuffle: bool = True):
+        if global_batch % (micro_batch * dp_size):
+            raise ValueError("global_batch must be divisible by micro_batch * dp_size")
+        self.n_blocks = n_blocks
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.consumed = 0
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            if self.shuffle:
+                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+            else:
+                self._perms[epoch] = np.arange(self.n_blocks)
+        return self._perms[epoch]
+
+    def global_indices(self, start: int, count: int) -> np.ndarray:
+        return np.array([self._perm(i // self.n_blocks)[i % self.n_blocks] for i in range(start, start + count)])
+
+    def next_step(self) -> list[np.ndarray]:
+        per_rank = self.global_batch // self.dp_size
+        mine = self.global_indices(self.consumed + self.dp_rank * per_rank, per_rank)
+        self.consumed += self.global_batch
+        return [mine[i : i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])

@@ -1,0 +1,35 @@
+"""One job, end to end: connect to Ray, run the controller, return the summary."""
+from __future__ import annotations
+
+
+
+import psutil
+
+from orchestrator.cluster import connect, device_type
+from orchestrator.config import JobConfig
+from orchestrator.controller import JobController
+from orchestrator.data import prepare
+from orchestrator.metrics import Sink, default_sinks
+from orchestrator.worker_group import RayWorkerGroup
+
+
+def process_start_time() -> float:
+    """When this process (the command) started, as a Unix time."""
+    return psutil.Process().create_time()
+
+
+def run_job(job: JobConfig, command_start: float | None = None, sinks: list[Sink] | None = None) -> dict:
+    command_start = process_start_time() if command_start is None else command_start
+    with connect(job.cluster):
+        dev = device_type(job.cluster)
+        controller = JobController(
+            job,
+            make_group=lambda: RayWorkerGroup(job.cluster, job.cluster.num_workers, dev, job.run.name),
+            prepare_data=lambda: prepare(job.data, job.model.vocab_size),
+            sinks=default_sinks(job, job.run.dir) if sinks is None else sinks,
+            command_start=command_start,
+        )
+        return controller.run()
+
+
+__all__ = ["run_job", "process_start_time"]

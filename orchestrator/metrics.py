@@ -1,0 +1,151 @@
+"""Metrics sinks on the driver, and the job summary.
+
+Sinks receive every step's metrics from the controller. Each has
+``start(history)``, ``log(metrics)`` and ``finish(summary)``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+from orchestrator.config import JobConfig
+
+# Steps excluded from the throughput median (start-up, allocator warm-up).
+WARMUP_STEPS = 2
+STEP_FIELDS = ("step", "loss", "lr", "tokens_per_s", "step_time_s")
+
+
+class Sink(Protocol):
+    def start(self, history: list[dict]) -> None: ...
+
+    def log(self, metrics: dict) -> None: ...
+
+    def finish(self, summary: dict) -> None: ...
+
+
+def read_history(run_dir: str | Path, upto_step: int) -> list[dict]:
+    """Metrics already in ``run_dir`` for steps 1..upto_step (a resumed run continues them)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if upto_step <= 0 or not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.get("step", 0) <= upto_step:
+                by_step[rec["step"]] = rec  # a later record of a step replaces an earlier one
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class JsonlSink:
+    """``metrics.jsonl``: one JSON object per step, rewritten on resume to the checkpoint's history."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._f = None
+
+    def start(self, history: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w")
+        for rec in history:
+            self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+
+    def log(self, metrics: dict) -> None:
+        self._f.write(json.dumps(metrics) + "\n")
+        self._f.flush()
+
+    def finish(self, summary: dict) -> None:
+        if self._f:
+            self._f.close()
+
+
+class ProgressSink:
+    """A live bar on the driver: step, loss, tokens/s and ETA."""
+
+    def __init__(self, max_steps: int, enabled: bool = True):
+        self.max_steps = max_steps
+        self.enabled = enabled
+        self.bar = None
+
+    def start(self, history: list[dict]) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.max_steps, initial=len(history), desc="train", unit="step",
+                        disable=not self.enabled, mininterval=0.5, dynamic_ncols=True)
+
+    def log(self, metrics: dict) -> None:
+        self.bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(metrics["step"] - self.bar.n)
+
+    def finish(self, summary: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class WandbSink:
+    """One wandb run per job; offline by default (``wandb sync`` uploads it later)."""
+
+    def __init__(self, job: JobConfig, run_dir: str | Path):
+        self.job = job
+        self.run_dir = Path(run_dir)
+        self.run = None
+
+    def start(self, history: list[dict]) -> None:
+        import wandb
+
+        cfg = self.job.logging.wandb
+        self.run = wandb.init(
+            mode=cfg.mode, project=cfg.project, entity=cfg.entity, name=self.job.run.name,
+            dir=str(self.run_dir), config=asdict(self.job), resume="allow" if history else None,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, metrics: dict) -> None:
+        data = {k: v for k, v in metrics.items() if k not in ("step", "time")}
+        self.run.log(data, step=metrics["step"])
+
+    def finish(self, summary: dict) -> None:
+        if self.run is not None:
+            for key in ("final_loss", "tokens_per_s", "time_to_first_step_s", "wall_s", "status"):
+                self.run.summary[key] = summary.get(key)
+            self.run.finish(exit_code=0 if summary.get("status") == "succeeded" else 1)
+
+
+def default_sinks(job: JobConfig, run_dir: str | Path) -> list[Sink]:
+    sinks: list[Sink] = [JsonlSink(run_dir), ProgressSink(job.trainer.max_steps, job.logging.progress)]
+    if job.logging.wandb.mode != "disabled":
+        sinks.append(WandbSink(job, run_dir))
+    return sinks
+
+
+def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics: list[dict],
+                  outcomes: list[dict] | None, command_start: float, end: float, restarts: int,
+                  error: str | None, sample: str | None, n_params: int | None) -> dict:
+    steady = [m["tokens_per_s"] for m in run_metrics[WARMUP_STEPS:]] or [m["tokens_per_s"] for m in run_metrics]
+    losses = [m["loss"] for m in history]
+    outcomes = outcomes or []
+    return {
+        "status": status,
+        "strategy": job.strategy.name,
+        "world_size": job.cluster.num_workers,
+        "model": job.model.name,
+        "n_params": n_params,
+        "steps": history[-1]["step"] if history else 0,
+        "max_steps": job.trainer.max_steps,
+        "exited_early": any(o.get("exited_early") for o in outcomes),
+        "losses": losses,
+        "final_loss": losses[-1] if losses else None,
+        "tokens_per_s": statistics.median(steady) if steady else None,
+        "time_to_first_step_s": (run_metrics[0]["time"] - command_start) if run_metrics else None,
+        "wall_s": end - command_start,
+        "peak_rss_bytes_per_rank": [o["peak_rss_bytes"] for o in outcomes],
+        "memory": {"model_states_bytes_per_rank": [o["memory"].get("model_states_bytes") for o in outcomes],
+                   "per_rank": [o["memory"] for o in outcomes]},
+        "restarts": restarts,
+        "error": error,
+        "sample": sample,
+    }

@@ -1,0 +1,4 @@
+"""Single-device model code. Parallelism is applied from outside, by strategies."""
+from orchestrator.models.llama import Llama, LlamaArgs, causal_lm_loss, num_params
+
+__all__ = ["Llama", "LlamaArgs", "causal_lm_loss", "num_params"]

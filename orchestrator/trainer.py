@@ -1,0 +1,167 @@
+"""The per-rank training loop: build the model and engine, step, checkpoint, report.
+
+A Trainer runs inside one worker (one rank) after the process group exists. It
+reports one metrics dict per step through ``report``; only rank 0 reports.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import strategies
+from orchestrator import checkpoint
+from orchestrator.config import JobConfig
+from orchestrator.data import BlockSampler, PreparedData, TokenBlocks
+from orchestrator.models import Llama, LlamaArgs, num_params
+from strategies.base import EngineContext
+
+
+def model_args(job: JobConfig) -> LlamaArgs:
+    m = job.model
+    return LlamaArgs(
+        vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+        ffn_dim=m.ffn_dim, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+        tie_embeddings=m.tie_embeddings, init_std=m.init_std,
+    )
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class TrainOutcome:
+    rank: int
+    first_step: int
+    last_step: int
+    exited_early: bool
+    peak_rss_bytes: int
+    memory: dict
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, rank: int, world_size: int, device: torch.device, data: PreparedData,
+                 run_dir: str, report: Callable[[dict], None]):
+        self.job = job
+        self.rank = rank
+        self.device = device
+        self.run_dir = run_dir
+        self.report = report
+        strategy = strategies.get(job.strategy.name)
+        self.topology = strategy.topology(job.strategy, world_size)
+        torch.manual_seed(job.seed)
+        with torch.device("meta"):
+            model = Llama(model_args(job))
+        self.n_params = num_params(model)
+        ctx = EngineContext(
+            topology=self.topology, rank=rank, device=device,
+            precision=resolve_precision(job.precision, device), optim=job.optim,
+            max_steps=job.trainer.max_steps, seed=job.seed,
+        )
+        self.engine = strategy.build_engine(job.strategy, model, ctx)
+        self.blocks = TokenBlocks(data.tokens_path, job.data.seq_len, job.data.val_fraction)
+        self.sampler = BlockSampler(
+            self.blocks.n_train, job.trainer.global_batch_size, job.trainer.micro_batch_size,
+            dp_rank=self.topology.dp_rank(rank), dp_size=self.topology.dp, seed=job.seed, shuffle=job.data.shuffle,
+        )
+        self.step = 0
+        if job.run.resume:
+            self._restore()
+
+    def _restore(self) -> None:
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            return
+        state = checkpoint.read_trainer_state(path)
+        self.engine.load_state_dict(checkpoint.load_engine_state(path, self.engine.load_shard(), self.device))
+        self.sampler.load_state_dict(state.sampler)
+        checkpoint.load_rng(path, self.rank)
+        self.step = state.step
+
+    def _batches(self, block_ids) -> list:
+        out = []
+        for ids in block_ids:
+            x, y = self.blocks.batch(ids)
+            out.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+        return out
+
+    def save(self) -> None:
+        shard = self.engine.checkpoint_shard()
+        checkpoint.save(
+            self.run_dir, self.step, self.rank, shard, self.engine.state_dict() if shard is not None else None,
+            checkpoint.TrainerState(step=self.step, sampler=self.sampler.state_dict(),
+                                    world_size=self.topology.world_size, strategy=self.job.strategy.name),
+            keep=self.job.trainer.keep_checkpoints,
+        )
+
+    def evaluate(self) -> float:
+        t = self.job.trainer
+        n = min(self.blocks.n_val, t.global_batch_size) // (t.micro_batch_size * self.topology.dp)
+        n *= t.micro_batch_size * self.topology.dp
+        per_rank = n // self.topology.dp
+        start = self.topology.dp_rank(self.rank) * per_rank
+        ids = list(range(start, start + per_rank))
+        micro = [ids[i : i + t.micro_batch_size] for i in range(0, per_rank, t.micro_batch_size)]
+        batches = []
+        for m in micro:
+            x, y = self.blocks.batch(m, split="val")
+            batches.append((x.to(self.device), y.to(self.device)))
+        return self.engine.eval_step(batches)
+
+    def run(self) -> TrainOutcome:
+        t = self.job.trainer
+        tokens_per_step = t.global_batch_size * self.job.data.seq_len
+        first_step = self.step + 1
+        exited_early = False
+        saved_at = self.step
+        while self.step < t.max_steps:
+            start = time.perf_counter()
+            batches = self._batches(self.sampler.next_step())
+            result = self.engine.train_step(batches)
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            if self.rank == 0:
+                metrics = {
+                    "step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                    "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
+                    "tokens": self.step * tokens_per_step, "time": time.time(), "rss_bytes": peak_rss_bytes(),
+                }
+            if t.eval_every and self.step % t.eval_every == 0 and self.blocks.n_val:
+                val = self.evaluate()
+                if self.rank == 0:
+                    metrics["val_loss"] = val
+            if self.rank == 0:
+                self.report(metrics)
+            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.exit_at_step:
+                self.save()
+                saved_at = self.step
+            if self.step == t.exit_at_step:
+                exited_early = self.step < t.max_steps
+                break
+        if saved_at != self.step:
+            self.save()
+        return TrainOutcome(rank=self.rank, first_step=first_step, last_step=self.step, exited_early=exited_early,
+                            peak_rss_bytes=peak_rss_bytes(), memory=self.engine.memory_report())
+
+    def sample(self, tokenizer_path: str, prompt: str, max_new_tokens: int, temperature: float = 0.8) -> str:
+        from tokenizers import Tokenizer
+
+        from orchestrator.models.generate import sample
+
+        model = self.engine.generation_model()
+        if model is None:
+            return ""
+        tok = Tokenizer.from_file(tokenizer_path)
+        ids = sample(model, tok.encode(prompt).ids, max_new_tokens, self.job.model.max_seq_len,
+                     temperature=temperature, seed=self.job.seed, stop_id=tok.token_to_id("<|endoftext|>"))
+        return prompt + tok.decode(ids)

@@ -1,0 +1,88 @@
+"""TrainWorker: one Ray actor per rank, wrapping a Trainer.
+
+The actor runs with two threads so that the controller can drain rank 0's
+metrics while ``train`` runs, without a remote call in the training loop.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import asdict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import JobConfig
+from orchestrator.data import PreparedData
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TrainWorker:
+    def __init__(self, rank: int, world_size: int, threads: int):
+        self.rank = rank
+        self.world_size = world_size
+        torch.set_num_threads(threads)
+        self._lock = threading.Lock()
+        self._metrics: list[dict] = []
+        self.trainer = None
+        self.tokenizer_path = ""
+
+    def __repr__(self) -> str:  # shown by Ray's logs and dashboard
+        return f"TrainWorker(rank={self.rank})"
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def setup(self, job: JobConfig, data: PreparedData, run_dir: str, master_addr: str, master_port: int,
+              device_type: str, timeout_s: float) -> int:
+        from orchestrator.trainer import Trainer
+
+        if device_type == "cuda":
+            device = torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device = torch.device("cpu")
+            backend = "gloo"
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(
+                backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                world_size=self.world_size, timeout=timedelta(seconds=timeout_s),
+            )
+        self.tokenizer_path = data.tokenizer_path
+        self.trainer = Trainer(job, self.rank, self.world_size, device, data, run_dir, self._report)
+        return self.trainer.step
+
+    def _report(self, metrics: dict) -> None:
+        with self._lock:
+            self._metrics.append(metrics)
+
+    def drain(self) -> list[dict]:
+        with self._lock:
+            out, self._metrics = self._metrics, []
+        return out
+
+    def train(self) -> dict:
+        return asdict(self.trainer.run())
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        return self.trainer.sample(self.tokenizer_path, prompt, max_new_tokens)
+
+    def n_params(self) -> int:
+        return self.trainer.n_params
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

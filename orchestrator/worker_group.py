@@ -1,0 +1,137 @@
+"""A group of TrainWorker actors in one placement group (one bundle per rank).
+
+The controller talks to a group only through the ``WorkerGroup`` protocol, so
+its state machine can be tested with a fake group and no Ray cluster.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from orchestrator.config import ClusterConfig, JobConfig
+from orchestrator.data import PreparedData
+
+
+class WorkerFailure(RuntimeError):
+    """A rank died or raised. ``rank`` is None when the group as a whole failed."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class WorkerGroup(Protocol):
+    def setup(self, job: JobConfig, data: PreparedData, run_dir: str) -> int:
+        """Rendezvous and build every rank's trainer; returns the step training resumes from."""
+
+    def start_training(self) -> None: ...
+
+    def poll(self, timeout_s: float) -> tuple[list[dict], list[dict] | None]:
+        """(new metrics from rank 0, every rank's outcome once all finished, else None).
+        Raises WorkerFailure when a rank failed."""
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str: ...
+
+    def n_params(self) -> int: ...
+
+    def shutdown(self) -> None: ...
+
+
+class RayWorkerGroup:
+    def __init__(self, cluster: ClusterConfig, world_size: int, device_type: str, job_name: str):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from orchestrator.worker import TrainWorker
+
+        self.cluster = cluster
+        self.world_size = world_size
+        self.device_type = device_type
+        gpus = 1 if device_type == "cuda" else 0
+        bundle = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        tag = f"{job_name}-{uuid.uuid4().hex[:6]}"
+        self.pg = placement_group([dict(bundle) for _ in range(world_size)], strategy=cluster.placement_strategy,
+                                  name=f"{tag}-pg")
+        actor_cls = ray.remote(TrainWorker)
+        # Created now, started by Ray as soon as the bundles are reserved: the
+        # driver prepares data meanwhile.
+        self.actors = [
+            actor_cls.options(
+                name=f"{tag}-rank{rank}",
+                num_cpus=cluster.cpus_per_worker,
+                num_gpus=gpus,
+                max_concurrency=2,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(rank, world_size, cluster.cpus_per_worker)
+            for rank in range(world_size)
+        ]
+        self._train_refs: list = []
+        self._outcomes: dict[int, dict] = {}
+
+    def _get(self, refs, what: str, timeout_s: float | None = None):
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            raise WorkerFailure(f"{what} did not finish within {timeout_s:.0f}s") from None
+        except (RayActorError, RayTaskError) as exc:
+            raise WorkerFailure(f"{what} failed: {exc}") from exc
+
+    def setup(self, job: JobConfig, data: PreparedData, run_dir: str) -> int:
+        timeout = self.cluster.start_timeout_s
+        if not self.pg.wait(timeout_seconds=int(timeout)):
+            raise WorkerFailure(
+                f"could not reserve {self.world_size} bundles of {self.pg.bundle_specs[0]} within {timeout:.0f}s; "
+                "check cluster.num_workers, cluster.cpus_per_worker and the cluster's free resources"
+            )
+        addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous", timeout)
+        steps = self._get(
+            [a.setup.remote(job, data, run_dir, addr, port, self.device_type, timeout) for a in self.actors],
+            "worker setup",
+        )
+        return steps[0]
+
+    def start_training(self) -> None:
+        self._train_refs = [a.train.remote() for a in self.actors]
+        self._outcomes = {}
+
+    def poll(self, timeout_s: float) -> tuple[list[dict], list[dict] | None]:
+        import ray
+
+        pending = [r for i, r in enumerate(self._train_refs) if i not in self._outcomes]
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+        for ref in ready:
+            rank = self._train_refs.index(ref)
+            self._outcomes[rank] = self._get(ref, f"rank {rank}")
+        metrics = self._get(self.actors[0].drain.remote(), "metrics drain", 60.0)
+        if len(self._outcomes) == self.world_size:
+            return metrics, [self._outcomes[r] for r in range(self.world_size)]
+        return metrics, None
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        return self._get(self.actors[0].sample.remote(prompt, max_new_tokens), "text sample", 300.0)
+
+    def n_params(self) -> int:
+        return self._get(self.actors[0].n_params.remote(), "parameter count", 60.0)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=5.0)
+        except Exception:
+            pass
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:
+            pass
+        self.actors = []

@@ -1,0 +1,33 @@
+"""Parallelism strategies: one file each, all behind the Engine interface of strategies.base.
+
+A strategy module exposes:
+  Config                          a dataclass subclassing orchestrator.config.StrategyConfig
+  topology(cfg, world_size)       the validated Topology it needs (raises ConfigError)
+  build_engine(cfg, model, ctx)   turns a meta-device model into an Engine
+The controller and workers only ever go through ``get(name)``.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_MODULES = {
+    "single": "strategies.single",
+    "ddp": "strategies.ddp",
+}
+
+
+def names() -> list[str]:
+    return sorted(_MODULES)
+
+
+def get(name: str) -> ModuleType:
+    if name not in _MODULES:
+        from orchestrator.errors import ConfigError
+
+        raise ConfigError("strategy", f"unknown strategy {name!r}; allowed: {', '.join(names())}")
+    return importlib.import_module(_MODULES[name])
+
+
+def config_classes() -> dict[str, type]:
+    return {name: get(name).Config for name in names()}

@@ -1,0 +1,174 @@
+"""The Engine interface every strategy returns, and the plain-torch engine.
+
+A training step takes the micro-batches of one optimizer step on this rank and
+returns the *global* mean loss (averaged over data-parallel ranks).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from orchestrator.config import OptimConfig
+from orchestrator.models import causal_lm_loss
+from orchestrator.optim import build_optimizer, build_scheduler
+from orchestrator.topology import Topology
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input ids, target ids), both (B, T)
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What a strategy needs besides its own options and the model."""
+
+    topology: Topology
+    rank: int
+    device: torch.device
+    precision: str  # fp32 | bf16 (already resolved from auto)
+    optim: OptimConfig
+    max_steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+class Engine(Protocol):
+    def train_step(self, micro_batches: list[Batch]) -> StepResult: ...
+
+    def eval_step(self, micro_batches: list[Batch]) -> float: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    # Which checkpoint shard this rank writes (None: nothing of its own), and which it reads.
+    def checkpoint_shard(self) -> int | None: ...
+
+    def load_shard(self) -> int: ...
+
+    def memory_report(self) -> dict: ...
+
+    def generation_model(self) -> nn.Module | None: ...
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
+    """Allocates a meta-device model on ``device`` and initializes it deterministically."""
+    model = model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+class TorchEngine:
+    """Forward/backward over micro-batches, clipping, AdamW and the LR schedule.
+
+    ``module`` is what runs forward (possibly a DDP wrapper); ``model`` is the
+    underlying single-device model whose state is saved. ``no_sync`` returns the
+    context that skips gradient synchronization on all but the last micro-batch.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        model: nn.Module,
+        ctx: EngineContext,
+        dp_group: dist.ProcessGroup | None = None,
+        no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+    ):
+        self.module = module
+        self.model = model
+        self.ctx = ctx
+        self.dp_group = dp_group
+        self.no_sync = no_sync
+        self.optimizer = build_optimizer(model, ctx.optim)
+        self.scheduler = build_scheduler(self.optimizer, ctx.optim, ctx.max_steps)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._grad_bytes = 0
+
+    def _mean_over_dp(self, value: torch.Tensor) -> float:
+        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.AVG if value.is_cuda else dist.ReduceOp.SUM, group=self.dp_group)
+            if not value.is_cuda:  # gloo has no AVG
+                value /= dist.get_world_size(self.dp_group)
+        return float(value)
+
+    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        n = len(micro_batches)
+        lr = self.optimizer.param_groups[0]["lr"]
+        total = torch.zeros((), device=self.ctx.device)
+        for i, (x, y) in enumerate(micro_batches):
+            sync = self.no_sync() if i < n - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast(self.ctx.device, self.ctx.precision):
+                    loss = causal_lm_loss(self.module(x), y)
+                (loss / n).backward()
+            total += loss.detach()
+        clip = self.ctx.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self._grad_bytes = tensor_bytes(p.grad for p in self.params)  # as held during the step
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=self._mean_over_dp(total / n), grad_norm=float(grad_norm), lr=lr)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[Batch]) -> float:
+        self.module.eval()
+        total = torch.zeros((), device=self.ctx.device)
+        for x, y in micro_batches:
+            with autocast(self.ctx.device, self.ctx.precision):
+                total += causal_lm_loss(self.module(x), y)
+        self.module.train()
+        return self._mean_over_dp(total / len(micro_batches))
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def checkpoint_shard(self) -> int | None:
+        # Replicated state: rank 0 writes it once.
+        return 0 if self.ctx.rank == 0 else None
+
+    def load_shard(self) -> int:
+        return 0
+
+    def memory_report(self) -> dict:
+        params = tensor_bytes(self.params)
+        grads = self._grad_bytes
+        optim = optimizer_state_bytes(self.optimizer)
+        return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optim,
+                "model_states_bytes": params + grads + optim}
+
+    def generation_model(self) -> nn.Module | None:
+        return self.model

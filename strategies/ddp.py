@@ -1,0 +1,36 @@
+"""Replicated data parallel through torch DistributedDataParallel."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from orchestrator.config import StrategyConfig
+from orchestrator.topology import Topology
+from strategies.base import EngineContext, TorchEngine, materialize
+
+
+@dataclass
+class Config(StrategyConfig):
+    name: str = "ddp"
+    bucket_cap_mb: int = 25
+    gradient_as_bucket_view: bool = True
+    static_graph: bool = False
+
+
+def topology(cfg: Config, world_size: int) -> Topology:
+    return Topology.data_parallel(world_size)
+
+
+def build_engine(cfg: Config, model: nn.Module, ctx: EngineContext) -> TorchEngine:
+    model = materialize(model, ctx.device, ctx.seed)
+    wrapped = DistributedDataParallel(
+        model,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+        gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+        static_graph=cfg.static_graph,
+    )
+    return TorchEngine(wrapped, model, ctx, dp_group=dist.group.WORLD, no_sync=wrapped.no_sync)

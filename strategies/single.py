@@ -1,0 +1,27 @@
+"""One process, no parallelism: the reference every other strategy is checked against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from orchestrator.config import StrategyConfig
+from orchestrator.errors import ConfigError
+from orchestrator.topology import Topology
+from strategies.base import EngineContext, TorchEngine, materialize
+
+
+@dataclass
+class Config(StrategyConfig):
+    name: str = "single"
+
+
+def topology(cfg: Config, world_size: int) -> Topology:
+    if world_size != 1:
+        raise ConfigError("cluster.num_workers", f"strategy=single runs on exactly 1 worker, got {world_size}")
+    return Topology(world_size=1)
+
+
+def build_engine(cfg: Config, model: nn.Module, ctx: EngineContext) -> TorchEngine:
+    model = materialize(model, ctx.device, ctx.seed)
+    return TorchEngine(model, model, ctx)
