@@ -1,0 +1,51 @@
+"""Shared fixtures: one local Ray cluster per test session, one data cache, tiny jobs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by every test that needs one; 4 logical CPUs fit a 4-rank job."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_job(tmp_path, data_cache):
+    """Composes a job through the real Hydra tree with test-friendly defaults."""
+    from orchestrator.config import compose
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        base = [
+            "model=tiny",
+            f"run.dir={run_dir or tmp_path / 'run'}",
+            f"data.cache_dir={data_cache}",
+            "logging.wandb.mode=disabled",
+            "logging.progress=false",
+            "trainer.sample_tokens=0",
+            "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=2",
+        ]
+        return compose(base + list(overrides))
+
+    return make
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launch.train", *args]

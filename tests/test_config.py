@@ -1,0 +1,62 @@
+"""Bad input fails before any worker starts, naming the key and what is allowed."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from orchestrator.config import compose
+from orchestrator.errors import ConfigError
+from tests.conftest import ROOT, cli
+
+
+@pytest.mark.parametrize(
+    "overrides, key, hint",
+    [
+        (["cluster.num_workers=0"], "cluster.num_workers", ">= 1"),
+        (["data.paths=[/nonexistent/corpus.txt]"], "data.paths", "/nonexistent/corpus.txt"),
+        (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], "trainer.global_batch_size", "divisible"),
+        (["strategy=single"], "cluster.num_workers", "exactly 1"),
+        (["model.n_heads=3"], "model.dim", "n_heads"),
+        (["precision=fp16"], "precision", "auto, fp32, bf16"),
+        (["data.seq_len=4096"], "data.seq_len", "max_seq_len"),
+    ],
+)
+def test_semantic_errors_name_the_key(overrides, key, hint):
+    with pytest.raises(ConfigError) as err:
+        compose(["model=tiny", "run.dir=/tmp/unused", *overrides])
+    assert err.value.key == key
+    assert hint in str(err.value)
+
+
+def test_good_config_is_typed():
+    job = compose(["model=tiny", "strategy=ddp", "cluster.num_workers=3", "trainer.global_batch_size=12",
+                   "trainer.micro_batch_size=2", "run.dir=/tmp/unused"])
+    assert job.strategy.name == "ddp" and job.strategy.bucket_cap_mb == 25
+    assert job.cluster.num_workers == 3 and isinstance(job.optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["strategy=nosuch"], ["strategy", "ddp", "single"]),
+        (["model=nosuch"], ["model", "tiny", "small"]),
+        (["trainer.max_stpes=5"], ["max_stpes"]),
+        (["trainer.max_steps=many"], ["max_steps", "many"]),
+        (["cluster.num_workers=0"], ["cluster.num_workers", ">= 1"]),
+        (["data.paths=[missing.txt]"], ["data.paths", "missing.txt"]),
+        (["trainer.global_batch_size=7"], ["trainer.global_batch_size", "divisible"]),
+    ],
+)
+def test_cli_bad_input_exits_2_without_workers(args, expected, tmp_path):
+    start = time.time()
+    proc = subprocess.run(cli(*args, f"run.dir={tmp_path / 'run'}"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    for word in expected:
+        assert word in out, out
+    assert "Started a local Ray instance" not in out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert time.time() - start < 60

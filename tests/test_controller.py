@@ -1,0 +1,125 @@
+"""Controller state machine and restart policy, with a fake worker group (no Ray)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.controller import TRANSITIONS, JobController, JobState, RestartPolicy
+from orchestrator.data import PreparedData
+from orchestrator.worker_group import WorkerFailure
+
+DATA = PreparedData(tokens_path="unused", tokenizer_path="unused", n_tokens=0, eos_id=0, vocab_size=512)
+
+
+class FakeGroup:
+    """Reports ``steps`` steps; fails at ``fail_at_step`` on the first ``failures`` groups."""
+
+    made = 0
+
+    def __init__(self, log: list, steps: int, fail_plan: list[int | None], start_step: int = 0):
+        self.log = log
+        self.index = FakeGroup.made
+        FakeGroup.made += 1
+        self.steps = steps
+        self.fail_at = fail_plan[self.index] if self.index < len(fail_plan) else None
+        self.step = start_step
+        self.log.append(("create", self.index))
+
+    def setup(self, job, data, run_dir):
+        self.log.append(("setup", self.index, job.run.resume))
+        return self.step
+
+    def start_training(self):
+        self.log.append(("train", self.index))
+
+    def poll(self, timeout_s):
+        if self.step >= self.steps:
+            return [], [{"rank": 0, "peak_rss_bytes": 1, "memory": {"model_states_bytes": 2}, "exited_early": False}]
+        self.step += 1
+        if self.fail_at is not None and self.step == self.fail_at:
+            raise WorkerFailure(f"rank 1 died at step {self.step}", rank=1)
+        return [{"step": self.step, "loss": 10.0 / self.step, "lr": 1e-3, "tokens_per_s": 100.0,
+                 "step_time_s": 0.1, "time": 0.0}], None
+
+    def sample(self, prompt, n):
+        return prompt + " ..."
+
+    def n_params(self):
+        return 123
+
+    def shutdown(self):
+        self.log.append(("shutdown", self.index))
+
+
+class ListSink:
+    def __init__(self):
+        self.events = []
+
+    def start(self, history):
+        self.events.append(("start", len(history)))
+
+    def log(self, m):
+        self.events.append(("log", m["step"]))
+
+    def finish(self, summary):
+        self.events.append(("finish", summary["status"]))
+
+
+@pytest.fixture
+def job(make_job):
+    return make_job("trainer.max_steps=4", "trainer.sample_tokens=5")
+
+
+def run(job, fail_plan, max_restarts=0):
+    FakeGroup.made = 0
+    log: list = []
+    job.trainer.max_restarts = max_restarts
+    sink = ListSink()
+    ctl = JobController(job, make_group=lambda: FakeGroup(log, 4, fail_plan), prepare_data=lambda: DATA,
+                        sinks=[sink], command_start=0.0, poll_interval_s=0.0)
+    return ctl, ctl.run(), log, sink
+
+
+def test_success_path(job):
+    ctl, summary, log, sink = run(job, [])
+    assert [s for s, _ in ctl.transitions] == [JobState.PENDING, JobState.STARTING, JobState.RUNNING,
+                                               JobState.SUCCEEDED]
+    assert summary["status"] == "succeeded" and summary["steps"] == 4 and summary["restarts"] == 0
+    assert summary["losses"] == [10.0, 5.0, 10.0 / 3, 2.5] and summary["sample"] == "ROMEO: ..."
+    assert log[-1] == ("shutdown", 0)
+    assert sink.events[0] == ("start", 0) and sink.events[-1] == ("finish", "succeeded")
+    on_disk = json.loads(Path(job.run.dir, "summary.json").read_text())
+    assert on_disk["status"] == "succeeded"
+
+
+def test_failure_without_restarts_fails_with_cause(job):
+    ctl, summary, log, sink = run(job, [2], max_restarts=0)
+    assert ctl.state == JobState.FAILED and summary["status"] == "failed"
+    assert "rank 1 died at step 2" in summary["error"]
+    assert ("shutdown", 0) in log
+    assert sink.events[-1] == ("finish", "failed")
+
+
+def test_restart_then_success(job):
+    ctl, summary, log, _ = run(job, [3], max_restarts=1)
+    states = [s for s, _ in ctl.transitions]
+    assert states == [JobState.PENDING, JobState.STARTING, JobState.RUNNING, JobState.RESTARTING,
+                      JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED]
+    assert summary["status"] == "succeeded" and summary["restarts"] == 1
+    # The second group is told to resume; the first was torn down before it was made.
+    assert log.index(("shutdown", 0)) < log.index(("create", 1))
+    assert ("setup", 1, True) in log
+
+
+def test_restarts_are_bounded(job):
+    ctl, summary, _, _ = run(job, [2, 2, 2], max_restarts=2)
+    assert summary["status"] == "failed" and summary["restarts"] == 2
+    assert "restarts used: 2 of 2" in summary["error"]
+
+
+def test_policy_and_transition_table():
+    assert RestartPolicy(1).decide(RuntimeError("x"), 0).restart
+    assert not RestartPolicy(1).decide(RuntimeError("x"), 1).restart
+    assert TRANSITIONS[JobState.SUCCEEDED] == set() and TRANSITIONS[JobState.FAILED] == set()
