@@ -7,6 +7,7 @@ Layout of ``<run>/checkpoints/step_00000010/``:
   rng-rank{R}.pt               each rank's RNG state
   trainer.json                 step, sampler position, layout
 ``latest`` names the newest published checkpoint.
+torch is imported where tensors are read or written: the driver only reads JSON here.
 """
 from __future__ import annotations
 
@@ -15,10 +16,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 PREFIX = "step_"
 
@@ -40,11 +37,13 @@ def _name(step: int) -> str:
 
 
 def _barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
 
 
-def _split_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _split_tensors(state: dict) -> tuple[dict, dict]:
     """Engine state -> (model tensors for safetensors, everything else)."""
     model = {k: v.detach().to("cpu").contiguous().clone() for k, v in state["model"].items()}
     rest = {k: v for k, v in state.items() if k != "model"}
@@ -54,6 +53,9 @@ def _split_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def save(run_dir: str | Path, step: int, rank: int, shard: int | None, engine_state: dict | None,
          trainer_state: TrainerState, keep: int) -> Path:
     """Collective over all ranks: each writes its part, rank 0 publishes."""
+    import torch
+    from safetensors.torch import save_file
+
     root = checkpoint_root(run_dir)
     final = root / _name(step)
     tmp = root / (_name(step) + ".tmp")
@@ -101,13 +103,18 @@ def read_trainer_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / "trainer.json").read_text()))
 
 
-def load_engine_state(path: Path, shard: int, device: torch.device) -> dict:
+def load_engine_state(path: Path, shard: int, device) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
     state = torch.load(path / f"state-shard{shard}.pt", map_location=device, weights_only=True)
     state["model"] = load_file(str(path / f"model-shard{shard}.safetensors"), device=str(device))
     return state
 
 
 def load_rng(path: Path, rank: int) -> None:
+    import torch
+
     f = path / f"rng-rank{rank}.pt"
     if f.exists():
         torch.set_rng_state(torch.load(f, weights_only=True)["torch"])

@@ -7,13 +7,15 @@ to the sinks, and asks the restart policy what to do when a rank fails.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import time
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 from orchestrator import checkpoint
 from orchestrator.config import JobConfig
@@ -65,7 +67,8 @@ class JobController:
         prepare_data: Callable[[], PreparedData],
         sinks: list[Sink],
         command_start: float,
-        poll_interval_s: float = 0.25,
+        poll_interval_s: float = 1.0,
+        connect: Callable[[], ContextManager] = contextlib.nullcontext,
     ):
         self.job = job
         self.make_group = make_group
@@ -73,11 +76,18 @@ class JobController:
         self.sinks = sinks
         self.command_start = command_start
         self.poll_interval_s = poll_interval_s
+        self.connect = connect
         self.state = JobState.PENDING
         self.transitions: list[tuple[JobState, float]] = [(self.state, time.time())]
         self.restarts = 0
         self.history: list[dict] = []
         self.run_metrics: list[dict] = []
+        # Start-up phases, seconds after the command started (first attempt only).
+        self.startup: dict[str, float] = {}
+        self.sinks_started = False
+
+    def mark(self, phase: str) -> None:
+        self.startup.setdefault(phase, round(time.time() - self.command_start, 3))
 
     def _to(self, state: JobState) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -94,6 +104,8 @@ class JobController:
     def _watch(self, group: WorkerGroup) -> list[dict]:
         while True:
             metrics, outcomes = group.poll(self.poll_interval_s)
+            if metrics and not self.sinks_started:
+                self._start_sinks()
             for m in metrics:
                 self.history.append(m)
                 self.run_metrics.append(m)
@@ -102,60 +114,78 @@ class JobController:
             if outcomes is not None:
                 return outcomes
 
+    def _start_sinks(self) -> None:
+        """Sinks start once the first step is in: their start-up (wandb's takes seconds
+        of CPU) must not compete with the workers' start-up. Rank 0 buffers meanwhile."""
+        for sink in self.sinks:
+            sink.start(list(self.history))
+        self.sinks_started = True
+        self.mark("sinks_ready")
+
     def run(self) -> dict:
+        """Runs the job to the end and returns its summary (also written to summary.json).
+
+        Connecting to Ray (seconds for an embedded cluster) overlaps with data
+        preparation, which runs in a thread. Data is ready, and its errors raised,
+        before any worker is created.
+        """
         job = self.job
         Path(job.run.dir).mkdir(parents=True, exist_ok=True)
-        data: PreparedData | None = None
         outcomes = None
         error = None
         sample = None
         n_params = None
-        sinks_started = False
+        self.mark("controller_start")
         self._to(JobState.STARTING)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
         try:
-            while True:
-                group = self.make_group()  # actors start in the background
-                try:
-                    if data is None:
-                        data = self.prepare_data()
-                    self.history = read_history(job.run.dir, self._resume_step(job))
-                    if not sinks_started:
-                        for sink in self.sinks:
-                            sink.start(list(self.history))
-                        sinks_started = True
-                    group.setup(job, data, job.run.dir)
-                    self._to(JobState.RUNNING)
-                    group.start_training()
-                    outcomes = self._watch(group)
-                    n_params = group.n_params()
-                    if job.trainer.sample_tokens:
-                        sample = group.sample(job.trainer.sample_prompt, job.trainer.sample_tokens)
-                    self._to(JobState.SUCCEEDED)
-                    break
-                except WorkerFailure as failure:
-                    decision = RestartPolicy(job.trainer.max_restarts).decide(failure, self.restarts)
-                    if not decision.restart:
-                        error = decision.reason
-                        self._to(JobState.FAILED)
+            data_future = pool.submit(self.prepare_data)
+            with self.connect():
+                self.mark("connected")
+                data = data_future.result()
+                self.mark("data_ready")
+                while True:
+                    group = self.make_group()  # actors start in the background
+                    try:
+                        self.history = read_history(job.run.dir, self._resume_step(job))
+                        group.setup(job, data, job.run.dir)
+                        self.mark("workers_ready")
+                        self._to(JobState.RUNNING)
+                        group.start_training()
+                        outcomes = self._watch(group)
+                        n_params = group.n_params()
+                        if job.trainer.sample_tokens:
+                            sample = group.sample(job.trainer.sample_prompt, job.trainer.sample_tokens)
+                        self._to(JobState.SUCCEEDED)
                         break
-                    self.restarts += 1
-                    self._to(JobState.RESTARTING)
-                    job = dataclasses.replace(job, run=dataclasses.replace(job.run, resume=True))
-                    self._to(JobState.STARTING)
-                finally:
-                    group.shutdown()
-        except KeyboardInterrupt:
-            error = "interrupted"
+                    except WorkerFailure as failure:
+                        decision = RestartPolicy(job.trainer.max_restarts).decide(failure, self.restarts)
+                        if not decision.restart:
+                            error = decision.reason
+                            self._to(JobState.FAILED)
+                            break
+                        self.restarts += 1
+                        self._to(JobState.RESTARTING)
+                        job = dataclasses.replace(job, run=dataclasses.replace(job.run, resume=True))
+                        self._to(JobState.STARTING)
+                    finally:
+                        group.shutdown()
+        except BaseException as exc:
+            error = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             if TRANSITIONS[self.state]:
                 self._to(JobState.FAILED)
             raise
         finally:
+            pool.shutdown(wait=True)
             summary = build_summary(
                 job, self.state.value, self.history,
                 self.run_metrics, outcomes, self.command_start, time.time(), self.restarts, error, sample, n_params,
             )
+            if self.run_metrics:
+                self.startup["first_step"] = round(self.run_metrics[0]["time"] - self.command_start, 3)
+            summary["startup_s"] = self.startup
             Path(job.run.dir, "summary.json").write_text(json.dumps(summary, indent=2))
-            if sinks_started:
+            if self.sinks_started:
                 for sink in self.sinks:
                     sink.finish(summary)
             self.summary = summary

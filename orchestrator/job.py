@@ -1,7 +1,7 @@
 """One job, end to end: connect to Ray, run the controller, return the summary."""
 from __future__ import annotations
 
-
+import functools
 
 import psutil
 
@@ -19,17 +19,14 @@ def process_start_time() -> float:
 
 
 def run_job(job: JobConfig, command_start: float | None = None, sinks: list[Sink] | None = None) -> dict:
-    command_start = process_start_time() if command_start is None else command_start
-    with connect(job.cluster):
-        dev = device_type(job.cluster)
-        controller = JobController(
-            job,
-            make_group=lambda: RayWorkerGroup(job.cluster, job.cluster.num_workers, dev, job.run.name),
-            prepare_data=lambda: prepare(job.data, job.model.vocab_size),
-            sinks=default_sinks(job, job.run.dir) if sinks is None else sinks,
-            command_start=command_start,
-        )
-        return controller.run()
-
-
-__all__ = ["run_job", "process_start_time"]
+    """Runs ``job`` on the embedded cluster (or cluster.address) and returns its summary."""
+    device = functools.cache(lambda: device_type(job.cluster))  # asked once Ray is connected
+    controller = JobController(
+        job,
+        make_group=lambda: RayWorkerGroup(job.cluster, job.cluster.num_workers, device(), job.run.name),
+        prepare_data=lambda: prepare(job.data, job.model.vocab_size),
+        sinks=default_sinks(job, job.run.dir) if sinks is None else sinks,
+        command_start=process_start_time() if command_start is None else command_start,
+        connect=lambda: connect(job.cluster),
+    )
+    return controller.run()

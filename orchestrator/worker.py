@@ -2,6 +2,8 @@
 
 The actor runs with two threads so that the controller can drain rank 0's
 metrics while ``train`` runs, without a remote call in the training loop.
+torch is imported in the actor's methods: the driver imports this module only
+to name the actor class.
 """
 from __future__ import annotations
 
@@ -10,9 +12,6 @@ import socket
 import threading
 from dataclasses import asdict
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
 
 from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData
@@ -28,6 +27,8 @@ class TrainWorker:
     def __init__(self, rank: int, world_size: int, threads: int):
         self.rank = rank
         self.world_size = world_size
+        import torch
+
         torch.set_num_threads(threads)
         self._lock = threading.Lock()
         self._metrics: list[dict] = []
@@ -47,6 +48,9 @@ class TrainWorker:
 
     def setup(self, job: JobConfig, data: PreparedData, run_dir: str, master_addr: str, master_port: int,
               device_type: str, timeout_s: float) -> int:
+        import torch
+        import torch.distributed as dist
+
         from orchestrator.trainer import Trainer
 
         if device_type == "cuda":
@@ -84,5 +88,7 @@ class TrainWorker:
         return self.trainer.n_params
 
     def close(self) -> None:
+        import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()

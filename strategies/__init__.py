@@ -5,6 +5,10 @@ A strategy module exposes:
   topology(cfg, world_size)       the validated Topology it needs (raises ConfigError)
   build_engine(cfg, model, ctx)   turns a meta-device model into an Engine
 The controller and workers only ever go through ``get(name)``.
+
+Strategy files import torch (and DeepSpeed) inside ``build_engine``, not at the
+top: the driver reads their Config and topology to validate a job, and does not
+pay for importing torch before it starts the cluster.
 """
 from __future__ import annotations
 

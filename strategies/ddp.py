@@ -3,13 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-
 from orchestrator.config import StrategyConfig
 from orchestrator.topology import Topology
-from strategies.base import EngineContext, TorchEngine, materialize
 
 
 @dataclass
@@ -24,7 +19,12 @@ def topology(cfg: Config, world_size: int) -> Topology:
     return Topology.data_parallel(world_size)
 
 
-def build_engine(cfg: Config, model: nn.Module, ctx: EngineContext) -> TorchEngine:
+def build_engine(cfg: Config, model, ctx):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from strategies.base import TorchEngine, materialize
+
     model = materialize(model, ctx.device, ctx.seed)
     wrapped = DistributedDataParallel(
         model,

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from orchestrator.config import StrategyConfig
 from orchestrator.errors import ConfigError
 from orchestrator.topology import Topology
-from strategies.base import EngineContext, TorchEngine, materialize
 
 
 @dataclass
@@ -22,6 +19,8 @@ def topology(cfg: Config, world_size: int) -> Topology:
     return Topology(world_size=1)
 
 
-def build_engine(cfg: Config, model: nn.Module, ctx: EngineContext) -> TorchEngine:
+def build_engine(cfg: Config, model, ctx):
+    from strategies.base import TorchEngine, materialize
+
     model = materialize(model, ctx.device, ctx.seed)
     return TorchEngine(model, model, ctx)

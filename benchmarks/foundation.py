@@ -1,0 +1,99 @@
+"""Orchestrator vs. bare torchrun (tokens/s) and vs. Ray Train (time to first step).
+
+    python benchmarks/foundation.py [--steps 30] [--rounds 2] [--model small]
+
+Runs, on the same model, batch, data and steps:
+  (a) python -m launch.train with strategy=ddp on 2 workers (an embedded Ray cluster,
+      default logging: progress bar and an offline wandb run),
+  (b) benchmarks/torchrun_ddp.py under torchrun --nproc_per_node=2,
+  (c) benchmarks/ray_train_ttfs.py: the same training function under Ray Train's TorchTrainer.
+(a) and (b) alternate for --rounds rounds; each figure is the median over rounds of each run's
+median tokens/s after 2 warm-up steps. Time to first step runs from the command's process
+start to the end of step 1, for (a) and (c) alike, each in a fresh process with a fresh
+cluster. The last line printed is one JSON object with the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 2
+
+
+def run(cmd: list[str], timeout: float = 1800) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+
+
+def steady_median(values: list[float]) -> float:
+    return statistics.median(values[WARMUP:] if len(values) > WARMUP else values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--ttfs-rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-foundation-"))
+    job = [f"model={args.model}", "strategy=ddp", "cluster.num_workers=2", f"trainer.max_steps={args.steps}",
+           "trainer.global_batch_size=16", "trainer.micro_batch_size=8", "precision=fp32",
+           "trainer.sample_tokens=0"]
+    py = sys.executable
+
+    # Warm the data cache once so that no contender pays for tokenizer training.
+    run([py, "-c", f"from orchestrator.config import compose; from orchestrator.data import prepare; "
+                   f"j = compose({job + ['run.dir=' + str(work / 'warm')]!r}); prepare(j.data, j.model.vocab_size)"])
+
+    ours_tps, base_tps, ours_ttfs, ray_ttfs = [], [], [], []
+    for r in range(args.rounds):
+        run_dir = work / f"ours-{r}"
+        run([py, "-m", "launch.train", *job, f"run.dir={run_dir}", "logging.progress=false"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        ours_tps.append(summary["tokens_per_s"])
+        ours_ttfs.append(summary["time_to_first_step_s"])
+        print(f"round {r}: orchestrator tokens/s {summary['tokens_per_s']:.0f}, "
+              f"time to first step {summary['time_to_first_step_s']:.1f}s", flush=True)
+
+        out = work / f"torchrun-{r}.json"
+        run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(ROOT / "benchmarks" / "torchrun_ddp.py"), str(out), str(args.steps), *job,
+             f"run.dir={work / 'unused'}"])
+        tps = steady_median(json.loads(out.read_text())["tokens_per_s"])
+        base_tps.append(tps)
+        print(f"round {r}: torchrun tokens/s {tps:.0f}", flush=True)
+
+    for r in range(args.ttfs_rounds):
+        out = work / f"raytrain-{r}.json"
+        run([py, str(ROOT / "benchmarks" / "ray_train_ttfs.py"), str(out), "3", *job,
+             f"run.dir={work / 'unused'}"])
+        ttfs = json.loads(out.read_text())["time_to_first_step_s"]
+        ray_ttfs.append(ttfs)
+        print(f"round {r}: Ray Train time to first step {ttfs:.1f}s", flush=True)
+
+    result = {
+        "model": args.model, "steps": args.steps, "rounds": args.rounds, "cpu_count": os.cpu_count(),
+        "tokens_per_s_ours": statistics.median(ours_tps), "tokens_per_s_torchrun": statistics.median(base_tps),
+        "time_to_first_step_s_ours": statistics.median(ours_ttfs),
+        "time_to_first_step_s_ray_train": statistics.median(ray_ttfs),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    result["tokens_per_s_ratio"] = result["tokens_per_s_ours"] / result["tokens_per_s_torchrun"]
+    result["time_to_first_step_ratio"] = result["time_to_first_step_s_ours"] / result["time_to_first_step_s_ray_train"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
