@@ -7,8 +7,9 @@ Runs, on the same model, batch, data and steps:
       default logging: progress bar and an offline wandb run),
   (b) benchmarks/torchrun_ddp.py under torchrun --nproc_per_node=2,
   (c) benchmarks/ray_train_ttfs.py: the same training function under Ray Train's TorchTrainer.
-(a) and (b) alternate for --rounds rounds; each figure is the median over rounds of each run's
-median tokens/s after 2 warm-up steps. Time to first step runs from the command's process
+(a) and (b) alternate for --rounds rounds; a run's figure is its median tokens/s after 2
+warm-up steps, and the tokens/s ratio is the median over rounds of (a)/(b) within a round
+(adjacent runs see the same machine: on a shared 2-core machine speed drifts over minutes). Time to first step runs from the command's process
 start to the end of step 1, for (a) and (c) alike, each in a fresh process with a fresh
 cluster. The last line printed is one JSON object with the ratios.
 """
@@ -90,7 +91,10 @@ def main() -> None:
         "time_to_first_step_s_ray_train": statistics.median(ray_ttfs),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    result["tokens_per_s_ratio"] = result["tokens_per_s_ours"] / result["tokens_per_s_torchrun"]
+    result["tokens_per_s_ratio_per_round"] = [a / b for a, b in zip(ours_tps, base_tps)]
+    result["tokens_per_s_ratio"] = statistics.median(result["tokens_per_s_ratio_per_round"])
+    result["time_to_first_step_s_ours_runs"] = ours_ttfs
+    result["time_to_first_step_s_ray_train_runs"] = ray_ttfs
     result["time_to_first_step_ratio"] = result["time_to_first_step_s_ours"] / result["time_to_first_step_s_ray_train"]
     print(json.dumps(result))
 

@@ -7,6 +7,11 @@ import os
 from orchestrator.config import ClusterConfig
 from orchestrator.errors import ConfigError
 
+# Modules the embedded cluster's worker processes import as soon as Ray starts
+# them, while the driver is still connecting: torch alone takes seconds, and
+# DistributedDataParallel pulls in torch._dynamo.
+WORKER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "orchestrator.trainer"]
+
 
 @contextlib.contextmanager
 def connect(cfg: ClusterConfig):
@@ -28,6 +33,7 @@ def connect(cfg: ClusterConfig):
             include_dashboard=cfg.include_dashboard,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
+            _system_config={"preload_python_modules": WORKER_PRELOAD},
             log_to_driver=True,
         )
     try:
