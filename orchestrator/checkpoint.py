@@ -1,20 +1,24 @@
-"""Checkpoints: written aside, published with one rename, loaded without unpickling code.
+"""Checkpoints in one layout-independent form, written aside and published with one rename.
+
+Every engine hands over the same canonical state: full fp32 weights and AdamW moments
+keyed by parameter name, plus small JSON-able counters. So a checkpoint written by one
+strategy or world size loads into any other. Nothing is pickled: tensors go to
+safetensors, everything else to JSON.
 
 Layout of ``<run>/checkpoints/step_00000010/``:
-  model-shard{K}.safetensors   the engine's model tensors for shard K
-  state-shard{K}.pt            the rest of the engine state (optimizer, schedule),
-                               read back with torch.load(weights_only=True)
-  rng-rank{R}.pt               each rank's RNG state
-  trainer.json                 step, sampler position, layout
-``latest`` names the newest published checkpoint.
-torch is imported where tensors are read or written: the driver only reads JSON here.
+  model.safetensors       weights, by parameter name
+  optimizer.safetensors   exp_avg.<name>, exp_avg_sq.<name>
+  rng-rank{R}.safetensors each rank's torch RNG state
+  trainer.json            step, sampler position, optimizer step, schedule, layout
+``latest`` names the newest published checkpoint. torch is imported only where tensors
+are read or written: the driver reads JSON here.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PREFIX = "step_"
@@ -26,6 +30,8 @@ class TrainerState:
     sampler: dict
     world_size: int
     strategy: str
+    optimizer_step: int = 0
+    scheduler: dict | None = None
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -43,16 +49,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _split_tensors(state: dict) -> tuple[dict, dict]:
-    """Engine state -> (model tensors for safetensors, everything else)."""
-    model = {k: v.detach().to("cpu").contiguous().clone() for k, v in state["model"].items()}
-    rest = {k: v for k, v in state.items() if k != "model"}
-    return model, rest
+def _cpu(tensors: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-def save(run_dir: str | Path, step: int, rank: int, shard: int | None, engine_state: dict | None,
-         trainer_state: TrainerState, keep: int) -> Path:
-    """Collective over all ranks: each writes its part, rank 0 publishes."""
+def save(run_dir: str | Path, step: int, rank: int, engine_state: dict, trainer_state: TrainerState,
+         keep: int) -> Path:
+    """Collective over all ranks. ``engine_state`` is the canonical state
+    ({"model", "exp_avg", "exp_avg_sq": name -> tensor, "optimizer_step", "scheduler"}),
+    complete on rank 0, which writes it; every rank writes its RNG state."""
     import torch
     from safetensors.torch import save_file
 
@@ -63,14 +68,16 @@ def save(run_dir: str | Path, step: int, rank: int, shard: int | None, engine_st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if shard is not None and engine_state is not None:
-        model, rest = _split_tensors(engine_state)
-        save_file(model, str(tmp / f"model-shard{shard}.safetensors"))
-        torch.save(rest, tmp / f"state-shard{shard}.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        save_file(_cpu(engine_state["model"]), str(tmp / "model.safetensors"))
+        moments = {f"{k}.{name}": t for k in ("exp_avg", "exp_avg_sq") for name, t in engine_state[k].items()}
+        save_file(_cpu(moments), str(tmp / "optimizer.safetensors"))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-rank{rank}.safetensors"))
     _barrier()
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state.__dict__))
+        state = TrainerState(**{**asdict(trainer_state), "optimizer_step": engine_state["optimizer_step"],
+                                "scheduler": engine_state["scheduler"]})
+        (tmp / "trainer.json").write_text(json.dumps(asdict(state)))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -103,18 +110,24 @@ def read_trainer_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / "trainer.json").read_text()))
 
 
-def load_engine_state(path: Path, shard: int, device) -> dict:
-    import torch
+def load_engine_state(path: Path) -> dict:
+    """The canonical engine state, on the CPU."""
     from safetensors.torch import load_file
 
-    state = torch.load(path / f"state-shard{shard}.pt", map_location=device, weights_only=True)
-    state["model"] = load_file(str(path / f"model-shard{shard}.safetensors"), device=str(device))
-    return state
+    state = read_trainer_state(path)
+    moments = load_file(str(path / "optimizer.safetensors"))
+    out: dict = {"model": load_file(str(path / "model.safetensors")), "exp_avg": {}, "exp_avg_sq": {},
+                 "optimizer_step": state.optimizer_step, "scheduler": state.scheduler}
+    for key, t in moments.items():
+        kind, name = key.split(".", 1)
+        out[kind][name] = t
+    return out
 
 
 def load_rng(path: Path, rank: int) -> None:
     import torch
+    from safetensors.torch import load_file
 
-    f = path / f"rng-rank{rank}.pt"
+    f = path / f"rng-rank{rank}.safetensors"
     if f.exists():
-        torch.set_rng_state(torch.load(f, weights_only=True)["torch"])
+        torch.set_rng_state(load_file(str(f))["torch"])

@@ -256,7 +256,9 @@ def validate(job: JobConfig) -> None:
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
 
-    topo = strategies.get(job.strategy.name).topology(job.strategy, c.num_workers)
+    strategy = strategies.get(job.strategy.name)
+    topo = strategy.topology(job.strategy, c.num_workers)
+    strategy.check(job.strategy, job, topo)
     topo.check_model(m.n_heads, m.n_kv_heads, m.n_layers, m.vocab_size)
     per_step = t.micro_batch_size * topo.dp
     if t.global_batch_size % per_step:

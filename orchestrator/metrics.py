@@ -122,6 +122,19 @@ def default_sinks(job: JobConfig, run_dir: str | Path) -> list[Sink]:
     return sinks
 
 
+def memory_summary(per_rank: list[dict]) -> dict:
+    """Model-state bytes each rank holds (counted from tensors) against the ZeRO formula."""
+    measured = [m.get("model_states_bytes") for m in per_rank]
+    formula = per_rank[0].get("formula_bytes") if per_rank else None
+    out = {"model_states_bytes_per_rank": measured, "zero_formula_bytes": formula,
+           "zero_formula": per_rank[0].get("formula") if per_rank else None,
+           "ratio_to_formula_per_rank": [m / formula if m and formula else None for m in measured],
+           "per_rank": per_rank}
+    if per_rank and "formula_bytes_without_master_copy" in per_rank[0]:
+        out["zero_formula_bytes_without_master_copy"] = per_rank[0]["formula_bytes_without_master_copy"]
+    return out
+
+
 def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics: list[dict],
                   outcomes: list[dict] | None, command_start: float, end: float, restarts: int,
                   error: str | None, sample: str | None, n_params: int | None) -> dict:
@@ -143,8 +156,7 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "time_to_first_step_s": (run_metrics[0]["time"] - command_start) if run_metrics else None,
         "wall_s": end - command_start,
         "peak_rss_bytes_per_rank": [o["peak_rss_bytes"] for o in outcomes],
-        "memory": {"model_states_bytes_per_rank": [o["memory"].get("model_states_bytes") for o in outcomes],
-                   "per_rank": [o["memory"] for o in outcomes]},
+        "memory": memory_summary([o["memory"] for o in outcomes]),
         "restarts": restarts,
         "error": error,
         "sample": sample,

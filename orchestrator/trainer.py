@@ -66,7 +66,7 @@ class Trainer:
         ctx = EngineContext(
             topology=self.topology, rank=rank, device=device,
             precision=resolve_precision(job.precision, device), optim=job.optim,
-            max_steps=job.trainer.max_steps, seed=job.seed,
+            trainer=job.trainer, seed=job.seed,
         )
         self.engine = strategy.build_engine(job.strategy, model, ctx)
         self.blocks = TokenBlocks(data.tokens_path, job.data.seq_len, job.data.val_fraction)
@@ -75,6 +75,7 @@ class Trainer:
             dp_rank=self.topology.dp_rank(rank), dp_size=self.topology.dp, seed=job.seed, shuffle=job.data.shuffle,
         )
         self.step = 0
+        self._weights: dict = {}
         if job.run.resume:
             self._restore()
 
@@ -83,7 +84,7 @@ class Trainer:
         if path is None:
             return
         state = checkpoint.read_trainer_state(path)
-        self.engine.load_state_dict(checkpoint.load_engine_state(path, self.engine.load_shard(), self.device))
+        self.engine.load_state_dict(checkpoint.load_engine_state(path))
         self.sampler.load_state_dict(state.sampler)
         checkpoint.load_rng(path, self.rank)
         self.step = state.step
@@ -96,9 +97,11 @@ class Trainer:
         return out
 
     def save(self) -> None:
-        shard = self.engine.checkpoint_shard()
+        state = self.engine.state_dict()
+        if self.rank == 0 and self.engine.generation_model() is None:
+            self._weights = state["model"]  # for the text sample of a sharded model
         checkpoint.save(
-            self.run_dir, self.step, self.rank, shard, self.engine.state_dict() if shard is not None else None,
+            self.run_dir, self.step, self.rank, state,
             checkpoint.TrainerState(step=self.step, sampler=self.sampler.state_dict(),
                                     world_size=self.topology.world_size, strategy=self.job.strategy.name),
             keep=self.job.trainer.keep_checkpoints,
@@ -160,7 +163,10 @@ class Trainer:
 
         model = self.engine.generation_model()
         if model is None:
-            return ""
+            with torch.device("meta"):
+                model = Llama(model_args(self.job))
+            model = model.to_empty(device=self.device)
+            model.load_state_dict(self._weights)
         tok = Tokenizer.from_file(tokenizer_path)
         ids = sample(model, tok.encode(prompt).ids, max_new_tokens, self.job.model.max_seq_len,
                      temperature=temperature, seed=self.job.seed, stop_id=tok.token_to_id("<|endoftext|>"))

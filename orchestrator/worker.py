@@ -60,7 +60,11 @@ class TrainWorker:
         else:
             device = torch.device("cpu")
             backend = "gloo"
-        if self.world_size > 1 and not dist.is_initialized():
+        # Also at world size 1: DeepSpeed expects a process group. The variables are the
+        # torch.distributed convention, for libraries that read them.
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if not dist.is_initialized():
             dist.init_process_group(
                 backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s),

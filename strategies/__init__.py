@@ -3,6 +3,7 @@
 A strategy module exposes:
   Config                          a dataclass subclassing orchestrator.config.StrategyConfig
   topology(cfg, world_size)       the validated Topology it needs (raises ConfigError)
+  check(cfg, job, topology)       any further validation that needs the rest of the job
   build_engine(cfg, model, ctx)   turns a meta-device model into an Engine
 The controller and workers only ever go through ``get(name)``.
 
@@ -18,6 +19,9 @@ from types import ModuleType
 _MODULES = {
     "single": "strategies.single",
     "ddp": "strategies.ddp",
+    "zero1": "strategies.zero",
+    "zero2": "strategies.zero",
+    "zero3": "strategies.zero",
 }
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.config import OptimConfig
+from orchestrator.config import OptimConfig, TrainerConfig
 from orchestrator.models import causal_lm_loss
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.topology import Topology
@@ -30,8 +30,12 @@ class EngineContext:
     device: torch.device
     precision: str  # fp32 | bf16 (already resolved from auto)
     optim: OptimConfig
-    max_steps: int
+    trainer: TrainerConfig
     seed: int
+
+    @property
+    def max_steps(self) -> int:
+        return self.trainer.max_steps
 
 
 @dataclass(frozen=True)
@@ -46,18 +50,25 @@ class Engine(Protocol):
 
     def eval_step(self, micro_batches: list[Batch]) -> float: ...
 
+    # The canonical, layout-independent training state (see orchestrator.checkpoint):
+    # {"model", "exp_avg", "exp_avg_sq": name -> full tensor, "optimizer_step": int,
+    #  "scheduler": dict}. Collective: every rank calls it; rank 0's copy is complete.
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    # Which checkpoint shard this rank writes (None: nothing of its own), and which it reads.
-    def checkpoint_shard(self) -> int | None: ...
-
-    def load_shard(self) -> int: ...
-
     def memory_report(self) -> dict: ...
 
     def generation_model(self) -> nn.Module | None: ...
+
+
+def mean_over_group(value: torch.Tensor, group: dist.ProcessGroup | None) -> float:
+    """Mean of a scalar over a process group (None: the whole world), as a float."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)  # gloo has no AVG
+        value /= dist.get_world_size(group)
+    return float(value)
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
@@ -67,10 +78,30 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
+def restore_schedule(scheduler, state: dict) -> None:
+    """Loads a LambdaLR state and puts its current rate into the optimizer's groups
+    (LambdaLR.load_state_dict alone leaves the groups at their initial rate)."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
 def autocast(device: torch.device, precision: str) -> ContextManager:
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def zero_formula(stage: int, psi: int, n: int, param_bytes: int, grad_bytes: int, k: int) -> dict:
+    """Model-state bytes per rank by the ZeRO paper's accounting: working parameters, gradients
+    and K bytes of optimizer state per parameter; stage s partitions the last s of those three
+    across the n data-parallel ranks (stage 0 is plain data parallel)."""
+    p, g = param_bytes * psi, grad_bytes * psi
+    o = k * psi
+    total = {0: p + g + o, 1: p + g + o / n, 2: p + (g + o) / n, 3: (p + g + o) / n}[stage]
+    shape = {0: "(P+G+K)Ψ", 1: "(P+G)Ψ + KΨ/N", 2: "PΨ + (G+K)Ψ/N", 3: "(P+G+K)Ψ/N"}[stage]
+    return {"formula_bytes": int(total),
+            "formula": f"stage {stage}: {shape} with P={param_bytes}, G={grad_bytes}, K={k}, Ψ={psi}, N={n}"}
 
 
 def tensor_bytes(tensors) -> int:
@@ -108,12 +139,7 @@ class TorchEngine:
         self._grad_bytes = 0
 
     def _mean_over_dp(self, value: torch.Tensor) -> float:
-        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.AVG if value.is_cuda else dist.ReduceOp.SUM, group=self.dp_group)
-            if not value.is_cuda:  # gloo has no AVG
-                value /= dist.get_world_size(self.dp_group)
-        return float(value)
+        return mean_over_group(value, self.dp_group) if self.dp_group is not None else float(value)
 
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         n = len(micro_batches)
@@ -145,30 +171,35 @@ class TorchEngine:
         return self._mean_over_dp(total / len(micro_batches))
 
     def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        exp_avg, exp_avg_sq, step = {}, {}, 0
+        for p, st in self.optimizer.state.items():
+            exp_avg[names[id(p)]] = st["exp_avg"]
+            exp_avg_sq[names[id(p)]] = st["exp_avg_sq"]
+            step = int(st["step"])
+        return {"model": self.model.state_dict(), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+                "optimizer_step": step, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    def checkpoint_shard(self) -> int | None:
-        # Replicated state: rank 0 writes it once.
-        return 0 if self.ctx.rank == 0 else None
-
-    def load_shard(self) -> int:
-        return 0
+        if state["optimizer_step"]:
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    self.optimizer.state[p] = {
+                        "step": torch.tensor(float(state["optimizer_step"])),
+                        "exp_avg": state["exp_avg"][name].to(p.device, p.dtype),
+                        "exp_avg_sq": state["exp_avg_sq"][name].to(p.device, p.dtype),
+                    }
+        restore_schedule(self.scheduler, state["scheduler"])
 
     def memory_report(self) -> dict:
         params = tensor_bytes(self.params)
         grads = self._grad_bytes
         optim = optimizer_state_bytes(self.optimizer)
+        psi = sum(p.numel() for p in self.params)
+        # torch AdamW keeps no master copy: fp32 parameters and gradients, K = 8 (m and v).
         return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optim,
-                "model_states_bytes": params + grads + optim}
+                "model_states_bytes": params + grads + optim, **zero_formula(0, psi, 1, 4, 4, 8)}
 
     def generation_model(self) -> nn.Module | None:
         return self.model

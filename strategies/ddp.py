@@ -19,6 +19,10 @@ def topology(cfg: Config, world_size: int) -> Topology:
     return Topology.data_parallel(world_size)
 
 
+def check(cfg: Config, job, topology: Topology) -> None:
+    """Nothing beyond the topology to check."""
+
+
 def build_engine(cfg: Config, model, ctx):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel

@@ -19,6 +19,10 @@ def topology(cfg: Config, world_size: int) -> Topology:
     return Topology(world_size=1)
 
 
+def check(cfg: Config, job, topology: Topology) -> None:
+    """Nothing beyond the topology to check."""
+
+
 def build_engine(cfg: Config, model, ctx):
     from strategies.base import TorchEngine, materialize
 

@@ -49,3 +49,32 @@ def make_job(tmp_path, data_cache):
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "launch.train", *args]
+
+
+PARITY_STEPS = 10
+PARITY_BATCH = ("trainer.global_batch_size=12", "trainer.micro_batch_size=2")  # divides dp = 1, 2, 3
+
+
+def parity_overrides(run_dir: Path, data_cache: Path, *extra: str) -> list[str]:
+    return ["model=tiny", f"trainer.max_steps={PARITY_STEPS}", *PARITY_BATCH, "trainer.sample_tokens=0",
+            f"run.dir={run_dir}", f"data.cache_dir={data_cache}", "logging.wandb.mode=disabled",
+            "logging.progress=false", "precision=fp32", *extra]
+
+
+@pytest.fixture(scope="session")
+def reference(ray_cluster, tmp_path_factory, data_cache) -> dict:
+    """The single-process run every strategy is compared with."""
+    from orchestrator.config import compose
+    from orchestrator.job import run_job
+
+    job = compose(parity_overrides(tmp_path_factory.mktemp("reference"), data_cache, "strategy=single",
+                                   "cluster.num_workers=1"))
+    summary = run_job(job)
+    assert summary["status"] == "succeeded", summary["error"]
+    return summary
+
+
+def assert_losses_close(got: list[float], ref: list[float], rel: float) -> None:
+    assert len(got) == len(ref) == PARITY_STEPS
+    for step, (a, b) in enumerate(zip(got, ref), start=1):
+        assert abs(a - b) <= rel * abs(b), f"step {step}: {a!r} vs reference {b!r} (rel {abs(a - b) / abs(b):.2e})"

@@ -43,7 +43,7 @@ def test_train_command_end_to_end(tmp_path, data_cache):
 
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006"]
-    assert (run_dir / "checkpoints" / "step_00000006" / "model-shard0.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
 
     # wandb wrote an offline run that `wandb sync` can upload later.
     offline = list((run_dir / "wandb").glob("offline-run-*"))
