@@ -10,18 +10,24 @@ Layout of ``<run>/checkpoints/step_00000010/``:
   optimizer.safetensors   exp_avg.<name>, exp_avg_sq.<name>
   rng-rank{R}.safetensors each rank's torch RNG state
   trainer.json            step, sampler position, optimizer step, schedule, layout
-``latest`` names the newest published checkpoint. torch is imported only where tensors
+  manifest.json           every other file's size and sha256, written last
+Loading takes the newest checkpoint whose manifest verifies, and falls back to the previous
+good one with a warning naming what was wrong. torch is imported only where tensors
 are read or written: the driver reads JSON here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PREFIX = "step_"
+MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,12 +84,10 @@ def save(run_dir: str | Path, step: int, rank: int, engine_state: dict, trainer_
         state = TrainerState(**{**asdict(trainer_state), "optimizer_step": engine_state["optimizer_step"],
                                 "scheduler": engine_state["scheduler"]})
         (tmp / "trainer.json").write_text(json.dumps(asdict(state)))
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / "latest")
+        os.rename(tmp, final)  # the publish: a checkpoint exists whole or not at all
         _prune(root, keep)
     _barrier()
     return final
@@ -95,15 +99,54 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {"files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify(path: Path) -> list[str]:
+    """What is wrong with a published checkpoint (nothing: an empty list)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{path.name}: no {MANIFEST} (an unfinished or foreign checkpoint)"]
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return [f"{path.name}/{MANIFEST} is unreadable: {exc}"]
+    problems = []
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{path.name}/{name} is missing")
+        elif f.stat().st_size != meta["bytes"]:
+            problems.append(f"{path.name}/{name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}")
+        elif _sha256(f) != meta["sha256"]:
+            problems.append(f"{path.name}/{name} does not match its sha256 in the manifest")
+    extra = {p.name for p in path.iterdir()} - set(files) - {MANIFEST}
+    problems += [f"{path.name}/{name} is not in the manifest" for name in sorted(extra)]
+    return problems
+
+
 def latest(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
     root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if pointer.exists():
-        path = root / pointer.read_text().strip()
-        if (path / "trainer.json").exists():
+    candidates = sorted((p for p in root.glob(PREFIX + "*") if p.is_dir() and not p.name.endswith(".tmp")),
+                        reverse=True)
+    for path in candidates:
+        problems = verify(path)
+        if not problems:
             return path
-    done = sorted(p for p in root.glob(PREFIX + "*") if (p / "trainer.json").exists())
-    return done[-1] if done else None
+        log.warning("skipping checkpoint %s: %s", path, "; ".join(problems))
+    return None
 
 
 def read_trainer_state(path: Path) -> TrainerState:

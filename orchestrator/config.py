@@ -78,6 +78,9 @@ class TrainerConfig:
     # larger, as Megatron's exit interval; resume later with run.resume=true.
     exit_at_step: int = 0
     max_restarts: int = 0
+    # A step that does not finish within this many seconds (a rank stuck in a collective)
+    # is handled as a failure. 0 disables the check.
+    step_timeout_s: float = 600.0
     # Text sample at the end of the job (0 tokens: none).
     sample_tokens: int = 64
     sample_prompt: str = "ROMEO:"
@@ -245,6 +248,8 @@ def validate(job: JobConfig) -> None:
     for key in ("checkpoint_every", "eval_every", "exit_at_step", "max_restarts", "sample_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.step_timeout_s < 0:
+        raise ConfigError("trainer.step_timeout_s", f"must be >= 0, got {t.step_timeout_s}")
     if t.keep_checkpoints < 1:
         raise ConfigError("trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,9 @@ class JobController:
         # Start-up phases, seconds after the command started (first attempt only).
         self.startup: dict[str, float] = {}
         self.sinks_started = False
+        # Seconds from each detected failure to the first step after the restart.
+        self.failed_at: float | None = None
+        self.recoveries_s: list[float] = []
 
     def mark(self, phase: str) -> None:
         self.startup.setdefault(phase, round(time.time() - self.command_start, 3))
@@ -102,10 +106,20 @@ class JobController:
         return checkpoint.read_trainer_state(path).step if path else 0
 
     def _watch(self, group: WorkerGroup) -> list[dict]:
+        timeout = self.job.trainer.step_timeout_s
+        last_progress = time.time()
         while True:
             metrics, outcomes = group.poll(self.poll_interval_s)
+            now = time.time()
+            if metrics:
+                last_progress = now
+            elif timeout and outcomes is None and now - last_progress > timeout:
+                raise WorkerFailure(f"no step finished within trainer.step_timeout_s={timeout:g}s (a rank is stuck)")
             if metrics and not self.sinks_started:
                 self._start_sinks()
+            if metrics and self.failed_at is not None:
+                self.recoveries_s.append(round(metrics[0]["time"] - self.failed_at, 3))
+                self.failed_at = None
             for m in metrics:
                 self.history.append(m)
                 self.run_metrics.append(m)
@@ -131,6 +145,7 @@ class JobController:
         """
         job = self.job
         Path(job.run.dir).mkdir(parents=True, exist_ok=True)
+        Path(job.run.dir, "job.json").write_text(json.dumps(dataclasses.asdict(job), indent=1))
         outcomes = None
         error = None
         sample = None
@@ -143,11 +158,16 @@ class JobController:
             with self.connect():
                 self.mark("connected")
                 data = data_future.result()
+                shutil.copyfile(data.tokenizer_path, Path(job.run.dir) / "tokenizer.json")  # saved with the run
                 self.mark("data_ready")
                 while True:
                     group = self.make_group()  # actors start in the background
                     try:
-                        self.history = read_history(job.run.dir, self._resume_step(job))
+                        resume_step = self._resume_step(job)
+                        self.history = read_history(job.run.dir, resume_step)
+                        if self.sinks_started:  # a restart: forget the steps after the checkpoint
+                            for sink in self.sinks:
+                                sink.rewind(resume_step, self.history)
                         group.setup(job, data, job.run.dir)
                         self.mark("workers_ready")
                         self._to(JobState.RUNNING)
@@ -159,6 +179,7 @@ class JobController:
                         self._to(JobState.SUCCEEDED)
                         break
                     except WorkerFailure as failure:
+                        self.failed_at = time.time()
                         decision = RestartPolicy(job.trainer.max_restarts).decide(failure, self.restarts)
                         if not decision.restart:
                             error = decision.reason
@@ -184,6 +205,7 @@ class JobController:
             if self.run_metrics:
                 self.startup["first_step"] = round(self.run_metrics[0]["time"] - self.command_start, 3)
             summary["startup_s"] = self.startup
+            summary["recoveries_s"] = self.recoveries_s
             Path(job.run.dir, "summary.json").write_text(json.dumps(summary, indent=2))
             if self.sinks_started:
                 for sink in self.sinks:

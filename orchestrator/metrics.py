@@ -23,6 +23,9 @@ class Sink(Protocol):
 
     def log(self, metrics: dict) -> None: ...
 
+    def rewind(self, step: int, history: list[dict]) -> None:
+        """After a restart from the checkpoint of ``step``: ``history`` is what stands."""
+
     def finish(self, summary: dict) -> None: ...
 
 
@@ -58,6 +61,10 @@ class JsonlSink:
         self._f.write(json.dumps(metrics) + "\n")
         self._f.flush()
 
+    def rewind(self, step: int, history: list[dict]) -> None:
+        self._f.close()
+        self.start(history)
+
     def finish(self, summary: dict) -> None:
         if self._f:
             self._f.close()
@@ -80,6 +87,10 @@ class ProgressSink:
     def log(self, metrics: dict) -> None:
         self.bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(metrics["step"] - self.bar.n)
+
+    def rewind(self, step: int, history: list[dict]) -> None:
+        self.bar.n = step
+        self.bar.refresh()
 
     def finish(self, summary: dict) -> None:
         if self.bar is not None:
@@ -105,8 +116,12 @@ class WandbSink:
         )
 
     def log(self, metrics: dict) -> None:
-        data = {k: v for k, v in metrics.items() if k not in ("step", "time")}
-        self.run.log(data, step=metrics["step"])
+        # Our step is a metric, not wandb's step (which only grows): steps repeated after a
+        # restart from a checkpoint are kept, as they happened.
+        self.run.log({k: v for k, v in metrics.items() if k != "time"})
+
+    def rewind(self, step: int, history: list[dict]) -> None:
+        pass
 
     def finish(self, summary: dict) -> None:
         if self.run is not None:

@@ -41,6 +41,9 @@ def test_train_command_end_to_end(tmp_path, data_cache):
     assert 0 < summary["time_to_first_step_s"] < summary["wall_s"]
     assert len(summary["peak_rss_bytes_per_rank"]) == 2 and min(summary["peak_rss_bytes_per_rank"]) > 0
 
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(run_dir / "tokenizer.json")).get_vocab_size() == 512  # saved with the run
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006"]
     assert (run_dir / "checkpoints" / "step_00000006" / "model.safetensors").is_file()

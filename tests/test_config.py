@@ -60,3 +60,15 @@ def test_cli_bad_input_exits_2_without_workers(args, expected, tmp_path):
     assert "Started a local Ray instance" not in out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert time.time() - start < 60
+
+
+def test_cli_ds_config_conflict_exits_2(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 3}')
+    proc = subprocess.run(cli("strategy=zero2", f"strategy.ds_config={ds}", f"run.dir={tmp_path / 'run'}"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "strategy.ds_config" in out and "train_micro_batch_size_per_gpu=3" in out
+    assert "trainer.micro_batch_size = 8" in out
+    assert "Started a local Ray instance" not in out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,6 @@ from orchestrator.controller import TRANSITIONS, JobController, JobState, Restar
 from orchestrator.data import PreparedData
 from orchestrator.worker_group import WorkerFailure
 
-DATA = PreparedData(tokens_path="unused", tokenizer_path="unused", n_tokens=0, eos_id=0, vocab_size=512)
 
 
 class FakeGroup:
@@ -63,6 +63,9 @@ class ListSink:
     def log(self, m):
         self.events.append(("log", m["step"]))
 
+    def rewind(self, step, history):
+        self.events.append(("rewind", step))
+
     def finish(self, summary):
         self.events.append(("finish", summary["status"]))
 
@@ -77,7 +80,10 @@ def run(job, fail_plan, max_restarts=0):
     log: list = []
     job.trainer.max_restarts = max_restarts
     sink = ListSink()
-    ctl = JobController(job, make_group=lambda: FakeGroup(log, 4, fail_plan), prepare_data=lambda: DATA,
+    tokenizer = Path(job.run.dir).parent / "tokenizer.json"
+    tokenizer.write_text("{}")
+    data = PreparedData(tokens_path="unused", tokenizer_path=str(tokenizer), n_tokens=0, eos_id=0, vocab_size=512)
+    ctl = JobController(job, make_group=lambda: FakeGroup(log, 4, fail_plan), prepare_data=lambda: data,
                         sinks=[sink], command_start=0.0, poll_interval_s=0.0)
     return ctl, ctl.run(), log, sink
 
@@ -123,3 +129,24 @@ def test_policy_and_transition_table():
     assert RestartPolicy(1).decide(RuntimeError("x"), 0).restart
     assert not RestartPolicy(1).decide(RuntimeError("x"), 1).restart
     assert TRANSITIONS[JobState.SUCCEEDED] == set() and TRANSITIONS[JobState.FAILED] == set()
+
+
+class StuckGroup(FakeGroup):
+    """Every rank alive, no step ever finishes: a rank stuck in a collective."""
+
+    def poll(self, timeout_s):
+        time.sleep(0.01)
+        return [], None
+
+
+def test_a_hang_is_detected_by_the_step_timeout(job):
+    job.trainer.step_timeout_s = 0.2
+    tokenizer = Path(job.run.dir).parent / "tokenizer.json"
+    tokenizer.write_text("{}")
+    data = PreparedData(tokens_path="unused", tokenizer_path=str(tokenizer), n_tokens=0, eos_id=0, vocab_size=512)
+    log: list = []
+    ctl = JobController(job, make_group=lambda: StuckGroup(log, 4, []), prepare_data=lambda: data, sinks=[],
+                        command_start=0.0, poll_interval_s=0.0)
+    summary = ctl.run()
+    assert summary["status"] == "failed" and "trainer.step_timeout_s" in summary["error"]
+    assert log[-1][0] == "shutdown"

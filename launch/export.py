@@ -1,0 +1,25 @@
+"""Export a run as a Hugging Face Llama model: python -m launch.export RUN_DIR OUT_DIR"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.errors import ConfigError
+from orchestrator.export import export
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("run_dir", help="a run directory (holds job.json, tokenizer.json, checkpoints/)")
+    ap.add_argument("out_dir", help="where to write model.safetensors, config.json and tokenizer files")
+    args = ap.parse_args()
+    try:
+        ckpt = export(args.run_dir, args.out_dir)
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {ckpt} to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
