@@ -99,11 +99,11 @@ class JobController:
         self.state = state
         self.transitions.append((state, time.time()))
 
-    def _resume_step(self, job: JobConfig) -> int:
-        if not job.run.resume:
-            return 0
-        path = checkpoint.latest(job.run.dir)
-        return checkpoint.read_trainer_state(path).step if path else 0
+    @staticmethod
+    def _resume_point(job: JobConfig) -> tuple[Path | None, int]:
+        """The verified checkpoint to resume from (chosen once, here, for every rank) and its step."""
+        path = checkpoint.latest(job.run.dir) if job.run.resume else None
+        return path, (checkpoint.read_trainer_state(path).step if path else 0)
 
     def _watch(self, group: WorkerGroup) -> list[dict]:
         timeout = self.job.trainer.step_timeout_s
@@ -163,12 +163,12 @@ class JobController:
                 while True:
                     group = self.make_group()  # actors start in the background
                     try:
-                        resume_step = self._resume_step(job)
+                        resume_from, resume_step = self._resume_point(job)
                         self.history = read_history(job.run.dir, resume_step)
                         if self.sinks_started:  # a restart: forget the steps after the checkpoint
                             for sink in self.sinks:
                                 sink.rewind(resume_step, self.history)
-                        group.setup(job, data, job.run.dir)
+                        group.setup(job, data, str(resume_from) if resume_from else None)
                         self.mark("workers_ready")
                         self._to(JobState.RUNNING)
                         group.start_training()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -51,11 +52,11 @@ class TrainOutcome:
 
 class Trainer:
     def __init__(self, job: JobConfig, rank: int, world_size: int, device: torch.device, data: PreparedData,
-                 run_dir: str, report: Callable[[dict], None]):
+                 resume_from: str | None, report: Callable[[dict], None]):
         self.job = job
         self.rank = rank
         self.device = device
-        self.run_dir = run_dir
+        self.run_dir = job.run.dir
         self.report = report
         strategy = strategies.get(job.strategy.name)
         self.topology = strategy.topology(job.strategy, world_size)
@@ -76,13 +77,10 @@ class Trainer:
         )
         self.step = 0
         self._weights: dict = {}
-        if job.run.resume:
-            self._restore()
+        if resume_from:
+            self._restore(Path(resume_from))
 
-    def _restore(self) -> None:
-        path = checkpoint.latest(self.run_dir)
-        if path is None:
-            return
+    def _restore(self, path: Path) -> None:
         state = checkpoint.read_trainer_state(path)
         self.engine.load_state_dict(checkpoint.load_engine_state(path))
         self.sampler.load_state_dict(state.sampler)

@@ -46,7 +46,7 @@ class TrainWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def setup(self, job: JobConfig, data: PreparedData, run_dir: str, master_addr: str, master_port: int,
+    def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None, master_addr: str, master_port: int,
               device_type: str, timeout_s: float) -> int:
         import torch
         import torch.distributed as dist
@@ -70,7 +70,7 @@ class TrainWorker:
                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s),
             )
         self.tokenizer_path = data.tokenizer_path
-        self.trainer = Trainer(job, self.rank, self.world_size, device, data, run_dir, self._report)
+        self.trainer = Trainer(job, self.rank, self.world_size, device, data, resume_from, self._report)
         return self.trainer.step
 
     def _report(self, metrics: dict) -> None:

@@ -21,8 +21,9 @@ class WorkerFailure(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    def setup(self, job: JobConfig, data: PreparedData, run_dir: str) -> int:
-        """Rendezvous and build every rank's trainer; returns the step training resumes from."""
+    def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None) -> int:
+        """Rendezvous and build every rank's trainer, restored from the checkpoint directory
+        ``resume_from`` if given; returns the step training resumes from."""
 
     def start_training(self) -> None: ...
 
@@ -80,7 +81,7 @@ class RayWorkerGroup:
         except (RayActorError, RayTaskError) as exc:
             raise WorkerFailure(f"{what} failed: {exc}") from exc
 
-    def setup(self, job: JobConfig, data: PreparedData, run_dir: str) -> int:
+    def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None) -> int:
         timeout = self.cluster.start_timeout_s
         if not self.pg.wait(timeout_seconds=int(timeout)):
             raise WorkerFailure(
@@ -89,7 +90,7 @@ class RayWorkerGroup:
             )
         addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous", timeout)
         steps = self._get(
-            [a.setup.remote(job, data, run_dir, addr, port, self.device_type, timeout) for a in self.actors],
+            [a.setup.remote(job, data, resume_from, addr, port, self.device_type, timeout) for a in self.actors],
             "worker setup",
         )
         return steps[0]
