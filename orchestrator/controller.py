@@ -210,5 +210,4 @@ class JobController:
             if self.sinks_started:
                 for sink in self.sinks:
                     sink.finish(summary)
-            self.summary = summary
         return summary

@@ -125,13 +125,13 @@ def prepare(cfg: DataConfig, vocab_size: int) -> PreparedData:
             pieces.append(np.asarray([eos_id], dtype=np.int64))
         ids = np.concatenate(pieces)
         dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
-        tmp = Path(tempfile.mkdtemp(dir=cache_root / "tokenized" if (cache_root / "tokenized").exists() else cache_root))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent))
         np.save(tmp / "tokens.npy", ids.astype(dtype))
         tok.save(str(tmp / "tokenizer.json"))
         meta = {"n_tokens": int(ids.size), "eos_id": eos_id, "vocab_size": tok.get_vocab_size(),
                 "files": [str(p) for p in paths]}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        out.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(tmp, out)  # atomic publish; a concurrent writer may have won
         except OSError:

@@ -15,7 +15,6 @@ from orchestrator.config import JobConfig
 
 # Steps excluded from the throughput median (start-up, allocator warm-up).
 WARMUP_STEPS = 2
-STEP_FIELDS = ("step", "loss", "lr", "tokens_per_s", "step_time_s")
 
 
 class Sink(Protocol):

@@ -43,9 +43,6 @@ class TrainWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None, master_addr: str, master_port: int,
               device_type: str, timeout_s: float) -> int:
         import torch
