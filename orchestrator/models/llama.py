@@ -6,6 +6,7 @@ The module can be built on the meta device and materialized later with
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
+        cos, sin = cos[:seqlen], sin[:seqlen]
         # -1 rather than the configured head count: under tensor parallel the
         # projections hold a slice of the heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
@@ -117,32 +119,49 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """Deterministic initialization; also fills the rope tables after ``to_empty``."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+    def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+        """The initial value of parameter ``name`` (full shape, fp32, on the CPU).
+
+        Each parameter draws from its own generator, seeded by (seed, name), so any
+        part of the model (a pipeline stage, a tensor-parallel shard) initializes to
+        exactly the numbers the whole model would have.
+        """
+        if len(shape) == 1:  # norm weights
+            return torch.ones(shape)
+        digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         std = self.args.init_std
-        # Residual projections get the GPT-2 style depth scaling.
-        out_std = std / math.sqrt(2 * self.args.n_layers)
-        for name, p in self.named_parameters():
-            if p.ndim == 1:  # norm weights
-                p.fill_(1.0)
-                continue
-            scale = out_std if name.endswith(("wo.weight", "w_down.weight")) else std
-            # Draw on the CPU so that every device gets the same numbers.
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(scale))
+        if name.endswith(("wo.weight", "w_down.weight")):
+            std /= math.sqrt(2 * self.args.n_layers)  # GPT-2 style depth scaling of residual projections
+        return torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fills the rope tables (after ``to_empty``)."""
         cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic initialization of plain (unsharded) parameters and the buffers."""
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, p.shape, seed))
+        self.init_buffers()
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab)."""
-        seqlen = tokens.shape[1]
-        cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
-        h = self.tok_embeddings(tokens)
+        """Token ids (B, T) -> logits (B, T, vocab).
+
+        A pipeline stage holds a subset of the layers, and the embedding only on the
+        first stage, the final norm and output only on the last (the others are None):
+        it then maps its input activations to its output activations.
+        """
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+            h = layer(h, self.rope_cos, self.rope_sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        return h if self.output is None else self.output(h)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
