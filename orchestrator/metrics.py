@@ -149,6 +149,19 @@ def memory_summary(per_rank: list[dict]) -> dict:
     return out
 
 
+def grouped_extras(run_metrics: list[dict]) -> dict:
+    """Strategy figures logged per step as "group.name" (e.g. pipeline.bubble_fraction):
+    per group, each name's median over the steady steps (after warm-up) and its per-step values."""
+    steady = run_metrics[WARMUP_STEPS:] or run_metrics
+    out: dict = {}
+    for key in dict.fromkeys(k for m in run_metrics for k in m if "." in k):
+        group, name = key.split(".", 1)
+        values = [m[key] for m in steady if key in m]
+        out.setdefault(group, {})[name] = statistics.median(values) if values else None
+        out[group][f"{name}_per_step"] = [m.get(key) for m in run_metrics]
+    return out
+
+
 def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics: list[dict],
                   outcomes: list[dict] | None, command_start: float, end: float, restarts: int,
                   error: str | None, sample: str | None, n_params: int | None) -> dict:
@@ -174,4 +187,5 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "restarts": restarts,
         "error": error,
         "sample": sample,
+        **grouped_extras(run_metrics),
     }

@@ -136,6 +136,7 @@ class Trainer:
                     "step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                     "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
                     "tokens": self.step * tokens_per_step, "time": time.time(), "rss_bytes": peak_rss_bytes(),
+                    **result.extra,
                 }
             if t.eval_every and self.step % t.eval_every == 0 and self.blocks.n_val:
                 val = self.evaluate()
@@ -164,6 +165,7 @@ class Trainer:
             with torch.device("meta"):
                 model = Llama(model_args(self.job))
             model = model.to_empty(device=self.device)
+            model.init_buffers()  # the rope tables are not in a state dict
             model.load_state_dict(self._weights)
         tok = Tokenizer.from_file(tokenizer_path)
         ids = sample(model, tok.encode(prompt).ids, max_new_tokens, self.job.model.max_seq_len,

@@ -22,6 +22,9 @@ _MODULES = {
     "zero1": "strategies.zero",
     "zero2": "strategies.zero",
     "zero3": "strategies.zero",
+    "tp": "strategies.tp",
+    "pp": "strategies.pp",
+    "hybrid": "strategies.hybrid",
 }
 
 

@@ -6,12 +6,13 @@ returns the *global* mean loss (averaged over data-parallel ranks).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orchestrator.config import OptimConfig, TrainerConfig
 from orchestrator.models import causal_lm_loss
@@ -43,6 +44,9 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
+    # Strategy-specific per-step figures ("group.name" -> float), logged with the step's
+    # metrics and summarized per group in summary.json (e.g. pipeline.bubble_fraction).
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Engine(Protocol):
@@ -104,8 +108,18 @@ def zero_formula(stage: int, psi: int, n: int, param_bytes: int, grad_bytes: int
             "formula": f"stage {stage}: {shape} with P={param_bytes}, G={grad_bytes}, K={k}, Ψ={psi}, N={n}"}
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a plain tensor is its own part)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor, gathered (collective over its mesh); a plain tensor as is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(local_tensor(t).numel() * t.element_size() for t in tensors if t is not None)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -141,19 +155,27 @@ class TorchEngine:
     def _mean_over_dp(self, value: torch.Tensor) -> float:
         return mean_over_group(value, self.dp_group) if self.dp_group is not None else float(value)
 
+    def loss_context(self) -> ContextManager:
+        """Wraps each micro-batch's loss and its backward (tensor parallel's loss_parallel)."""
+        return contextlib.nullcontext()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clips to optim.grad_clip (0: no clipping) and returns the total norm before clipping."""
+        clip = self.ctx.optim.grad_clip
+        return torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         n = len(micro_batches)
         lr = self.optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=self.ctx.device)
         for i, (x, y) in enumerate(micro_batches):
             sync = self.no_sync() if i < n - 1 else contextlib.nullcontext()
-            with sync:
+            with sync, self.loss_context():
                 with autocast(self.ctx.device, self.ctx.precision):
                     loss = causal_lm_loss(self.module(x), y)
                 (loss / n).backward()
-            total += loss.detach()
-        clip = self.ctx.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+            total += full_value(loss.detach())
+        grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self._grad_bytes = tensor_bytes(p.grad for p in self.params)  # as held during the step
@@ -165,8 +187,8 @@ class TorchEngine:
         self.module.eval()
         total = torch.zeros((), device=self.ctx.device)
         for x, y in micro_batches:
-            with autocast(self.ctx.device, self.ctx.precision):
-                total += causal_lm_loss(self.module(x), y)
+            with self.loss_context(), autocast(self.ctx.device, self.ctx.precision):
+                total += full_value(causal_lm_loss(self.module(x), y))
         self.module.train()
         return self._mean_over_dp(total / len(micro_batches))
 

@@ -47,6 +47,7 @@ def test_good_config_is_typed():
         (["cluster.num_workers=0"], ["cluster.num_workers", ">= 1"]),
         (["data.paths=[missing.txt]"], ["data.paths", "missing.txt"]),
         (["trainer.global_batch_size=7"], ["trainer.global_batch_size", "divisible"]),
+        (["model=tiny", "strategy=tp", "strategy.tp=3", "cluster.num_workers=3"], ["model.n_heads", "tp=3"]),
     ],
 )
 def test_cli_bad_input_exits_2_without_workers(args, expected, tmp_path):

@@ -122,6 +122,8 @@ def test_a_planted_pickle_is_refused_without_running(tmp_path):
 @pytest.mark.parametrize("source, target", [
     (("strategy=zero3", "cluster.num_workers=2"), ("strategy=single", "cluster.num_workers=1")),
     (("strategy=ddp", "cluster.num_workers=2"), ("strategy=zero2", "cluster.num_workers=3")),
+    (("strategy=tp", "cluster.num_workers=2"), ("strategy=single", "cluster.num_workers=1")),
+    (("strategy=single", "cluster.num_workers=1"), ("strategy=pp", "cluster.num_workers=2")),
 ])
 def test_checkpoint_loads_into_another_layout(ray_cluster, tmp_path, data_cache, source, target):
     src_dir, dst_dir = tmp_path / "source", tmp_path / "target"

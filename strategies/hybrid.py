@@ -1,0 +1,29 @@
+"""Tensor x pipeline x data parallel on one named device mesh (pp, dp_replicate, dp_shard, tp).
+
+The data-parallel degree is inferred: world_size / (tp * pp). Parallelisms are applied
+in one fixed order: pipeline stages are split first, then each stage gets tensor
+parallel, then data-parallel sharding. Implemented in strategies.mesh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.config import StrategyConfig
+from strategies.layout import Layout, build_engine, check, topology  # noqa: F401  (the strategy interface)
+
+
+@dataclass
+class Config(StrategyConfig):
+    name: str = "hybrid"
+    tp: int = 2
+    pp: int = 1
+    sequence_parallel: bool = False
+    data_parallel: str = "replicate"  # replicate (DDP-style) | shard (FSDP/ZeRO-3-style)
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (when pp > 1)
+    microbatches: int = 4
+    virtual_stages: int = 1
+
+    def layout(self, world_size: int) -> Layout:
+        return Layout(world_size=world_size, tp=self.tp, pp=self.pp, sequence_parallel=self.sequence_parallel,
+                      data_parallel=self.data_parallel, schedule=self.schedule, microbatches=self.microbatches,
+                      virtual_stages=self.virtual_stages)

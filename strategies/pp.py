@@ -1,0 +1,23 @@
+"""Pipeline parallel on torch.distributed.pipelining: layers split into stages, run by a
+GPipe, 1F1B or interleaved 1F1B schedule; data parallel across the remaining ranks.
+Implemented in strategies.mesh."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.config import StrategyConfig
+from strategies.layout import Layout, build_engine, check, topology  # noqa: F401  (the strategy interface)
+
+
+@dataclass
+class Config(StrategyConfig):
+    name: str = "pp"
+    pp: int = 2
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    microbatches: int = 4
+    virtual_stages: int = 1  # stages per rank; > 1 with interleaved_1f1b
+    data_parallel: str = "replicate"  # replicate | shard, across world_size / pp ranks
+
+    def layout(self, world_size: int) -> Layout:
+        return Layout(world_size=world_size, pp=self.pp, schedule=self.schedule, microbatches=self.microbatches,
+                      virtual_stages=self.virtual_stages, data_parallel=self.data_parallel)

@@ -1,0 +1,26 @@
+"""Megatron-style tensor parallel on torch DTensor; data parallel across the remaining ranks.
+
+Attention q/k/v and the MLP's gate/up projections are column-parallel, the attention
+output and MLP down projections row-parallel, the embedding and output layer
+vocabulary-parallel, with a cross entropy that never gathers the full logits
+(torch's loss_parallel). Optional sequence parallel shards the norms' activations
+along the sequence. Implemented in strategies.mesh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.config import StrategyConfig
+from strategies.layout import Layout, build_engine, check, topology  # noqa: F401  (the strategy interface)
+
+
+@dataclass
+class Config(StrategyConfig):
+    name: str = "tp"
+    tp: int = 2
+    sequence_parallel: bool = False
+    data_parallel: str = "replicate"  # replicate | shard, across world_size / tp ranks
+
+    def layout(self, world_size: int) -> Layout:
+        return Layout(world_size=world_size, tp=self.tp, sequence_parallel=self.sequence_parallel,
+                      data_parallel=self.data_parallel)
