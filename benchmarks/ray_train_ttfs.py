@@ -48,7 +48,7 @@ def main() -> None:
 
     out, steps, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     raw = out + ".raw"
-    ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1")
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"overrides": overrides, "steps": steps, "out": raw},

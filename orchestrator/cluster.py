@@ -29,6 +29,7 @@ def connect(cfg: ClusterConfig):
     else:
         num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)
         ray.init(
+            address="local",  # always a new cluster, even where `ray start` left one on this machine
             num_cpus=num_cpus,
             include_dashboard=cfg.include_dashboard,
             dashboard_host="127.0.0.1",
