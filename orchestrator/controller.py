@@ -21,7 +21,7 @@ from typing import Callable, ContextManager
 from orchestrator import checkpoint
 from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData
-from orchestrator.metrics import Sink, build_summary, read_history
+from orchestrator.metrics import Sink, build_summary, read_history, write_status
 from orchestrator.worker_group import WorkerFailure, WorkerGroup
 
 
@@ -98,6 +98,13 @@ class JobController:
             raise RuntimeError(f"illegal job transition {self.state.value} -> {state.value}")
         self.state = state
         self.transitions.append((state, time.time()))
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        """``status.json`` in the run directory: what `launch.status` shows while the job runs."""
+        if not Path(self.job.run.dir).is_dir():
+            return
+        write_status(self.job, self.state.value, self.history, self.restarts)
 
     @staticmethod
     def _resume_point(job: JobConfig) -> tuple[Path | None, int]:
@@ -125,6 +132,8 @@ class JobController:
                 self.run_metrics.append(m)
                 for sink in self.sinks:
                     sink.log(m)
+            if metrics:
+                self._publish_status()
             if outcomes is not None:
                 return outcomes
 

@@ -6,7 +6,9 @@ Sinks receive every step's metrics from the controller. Each has
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
@@ -124,13 +126,131 @@ class WandbSink:
 
     def finish(self, summary: dict) -> None:
         if self.run is not None:
-            for key in ("final_loss", "tokens_per_s", "time_to_first_step_s", "wall_s", "status"):
+            for key in ("final_loss", "tokens_per_s", "time_to_first_step_s", "wall_s", "status", "restarts"):
                 self.run.summary[key] = summary.get(key)
+            for key, values in per_rank_memory(summary).items():
+                for rank, value in enumerate(values):
+                    self.run.summary[f"{key}/rank{rank}"] = value
             self.run.finish(exit_code=0 if summary.get("status") == "succeeded" else 1)
 
 
+class TensorBoardSink:
+    """TensorBoard event files in ``<run>/tensorboard``: `tensorboard --logdir RUN_DIR` is a live
+    dashboard with no account. A restart from a checkpoint purges the steps after it."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir) / "tensorboard"
+        self.writer = None
+
+    def _open(self, purge_after: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.dir), purge_step=purge_after + 1 if purge_after else None,
+                                    flush_secs=5)
+
+    def start(self, history: list[dict]) -> None:
+        self._open(history[-1]["step"] if history else None)
+
+    def log(self, metrics: dict) -> None:
+        step = metrics["step"]
+        for key, value in metrics.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+
+    def rewind(self, step: int, history: list[dict]) -> None:
+        self.writer.close()
+        self._open(step)
+
+    def finish(self, summary: dict) -> None:
+        if self.writer is None:
+            return
+        for key, values in per_rank_memory(summary).items():
+            for rank, value in enumerate(values):
+                if value is not None:
+                    self.writer.add_scalar(f"{key}/rank{rank}", value, summary["steps"])
+        self.writer.add_text("summary", "```\n" + json.dumps({k: v for k, v in summary.items() if k != "losses"},
+                                                             indent=1, default=str) + "\n```")
+        self.writer.close()
+
+
+def per_rank_memory(summary: dict) -> dict[str, list]:
+    """Per-rank memory figures of a summary: model-state bytes and peak RSS."""
+    return {"memory/model_states_bytes": summary["memory"].get("model_states_bytes_per_rank") or [],
+            "memory/peak_rss_bytes": summary.get("peak_rss_bytes_per_rank") or []}
+
+
+class ReportSink:
+    """``report.png`` at the end of the job: loss and tokens/s over steps, memory per rank."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.history: list[dict] = []
+
+    def start(self, history: list[dict]) -> None:
+        self.history = list(history)
+
+    def log(self, metrics: dict) -> None:
+        self.history.append(metrics)
+
+    def rewind(self, step: int, history: list[dict]) -> None:
+        self.history = list(history)
+
+    def finish(self, summary: dict) -> None:
+        from orchestrator.plots import job_report
+
+        job_report(self.history, summary, self.run_dir / "report.png")
+
+
+class RayMetricsSink:
+    """Gauges through Ray's metrics API (forgeline_loss, forgeline_tokens_per_s,
+    forgeline_step_time_s, forgeline_rss_bytes, tagged with the job's name): the node's
+    metrics agent exports them, so a Prometheus scrape of the cluster sees them."""
+
+    NAMES = {"loss": "training loss", "tokens_per_s": "training throughput",
+             "step_time_s": "seconds per optimizer step", "rss_bytes": "peak resident memory of rank 0"}
+
+    def __init__(self, job_name: str):
+        self.job_name = job_name
+        self.gauges: dict = {}
+
+    def start(self, history: list[dict]) -> None:
+        from ray.util.metrics import Gauge
+
+        self.gauges = {key: Gauge(f"forgeline_{key}", description=desc, tag_keys=("job",))
+                       for key, desc in self.NAMES.items()}
+
+    def log(self, metrics: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in metrics:
+                gauge.set(metrics[key], tags={"job": self.job_name})
+
+    def rewind(self, step: int, history: list[dict]) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        pass
+
+
+def write_status(job: JobConfig, state: str, history: list[dict], restarts: int) -> None:
+    """``status.json``: the job's state and latest step, replaced atomically (readers never see half)."""
+    last = history[-1] if history else {}
+    recent = [m["step_time_s"] for m in history[-10:]]
+    step = last.get("step", 0)
+    status = {
+        "name": job.run.name, "state": state, "strategy": job.strategy.name, "world_size": job.cluster.num_workers,
+        "step": step, "max_steps": job.trainer.max_steps, "loss": last.get("loss"),
+        "tokens_per_s": last.get("tokens_per_s"), "restarts": restarts, "updated": time.time(),
+        "eta_s": statistics.median(recent) * (job.trainer.max_steps - step) if recent else None,
+    }
+    path = Path(job.run.dir) / "status.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, path)
+
+
 def default_sinks(job: JobConfig, run_dir: str | Path) -> list[Sink]:
-    sinks: list[Sink] = [JsonlSink(run_dir), ProgressSink(job.trainer.max_steps, job.logging.progress)]
+    sinks: list[Sink] = [JsonlSink(run_dir), ProgressSink(job.trainer.max_steps, job.logging.progress),
+                         TensorBoardSink(run_dir), ReportSink(run_dir), RayMetricsSink(job.run.name)]
     if job.logging.wandb.mode != "disabled":
         sinks.append(WandbSink(job, run_dir))
     return sinks
@@ -183,6 +303,7 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "time_to_first_step_s": (run_metrics[0]["time"] - command_start) if run_metrics else None,
         "wall_s": end - command_start,
         "peak_rss_bytes_per_rank": [o["peak_rss_bytes"] for o in outcomes],
+        "node_per_rank": [o.get("node_id") for o in outcomes],
         "memory": memory_summary([o["memory"] for o in outcomes]),
         "restarts": restarts,
         "error": error,

@@ -80,7 +80,9 @@ class TrainWorker:
         return out
 
     def train(self) -> dict:
-        return asdict(self.trainer.run())
+        import ray
+
+        return {**asdict(self.trainer.run()), "node_id": ray.get_runtime_context().get_node_id()}
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         return self.trainer.sample(self.tokenizer_path, prompt, max_new_tokens)
