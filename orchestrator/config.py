@@ -35,6 +35,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Start from these weights (and their tokenizer): a run directory or checkpoint of ours,
+    # or a local Hugging Face Llama directory. null: a fresh initialization.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -229,6 +232,10 @@ def validate(job: JobConfig) -> None:
         raise ConfigError("model.dim", "the head size dim/n_heads must be even for rotary embeddings")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError("model.n_kv_heads", f"model.n_heads={m.n_heads} is not divisible by {m.n_kv_heads}")
+    if m.init_from:
+        from orchestrator import pretrained
+
+        pretrained.check(pretrained.locate(m.init_from), m)
 
     d = job.data
     if not d.paths:

@@ -35,7 +35,7 @@ class PreparedData:
     tokens_path: str
     tokenizer_path: str
     n_tokens: int
-    eos_id: int
+    eos_id: int | None
     vocab_size: int
 
 
@@ -103,11 +103,13 @@ def _split_lines(text: str, chunk_chars: int = 1 << 16) -> list[str]:
     return out
 
 
-def prepare(cfg: DataConfig, vocab_size: int) -> PreparedData:
-    """Tokenizer + token ids for the files in ``cfg``, from cache when possible."""
+def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None) -> PreparedData:
+    """Tokenizer + token ids for the files in ``cfg``, from cache when possible. The tokenizer
+    is trained here unless ``tokenizer_path`` names one (a pretrained model's)."""
     paths = [Path(os.path.expanduser(p)).resolve() for p in cfg.paths]
+    given = _files_digest([Path(tokenizer_path)]) if tokenizer_path else None
     key = hashlib.sha256(
-        json.dumps([FORMAT_VERSION, _files_digest(paths), vocab_size, cfg.text_field]).encode()
+        json.dumps([FORMAT_VERSION, _files_digest(paths), vocab_size, cfg.text_field, given]).encode()
     ).hexdigest()[:24]
     cache_root = Path(os.path.expanduser(cfg.cache_dir))
     out = cache_root / "tokenized" / key
@@ -116,13 +118,19 @@ def prepare(cfg: DataConfig, vocab_size: int) -> PreparedData:
         cache_root.mkdir(parents=True, exist_ok=True)
         docs = load_documents(paths, cfg.text_field, cache_root)
         texts = [t for t in docs["text"] if t]
-        tok = train_tokenizer(texts, vocab_size)
-        eos_id = tok.token_to_id(EOS)
+        if tokenizer_path:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(tokenizer_path)
+        else:
+            tok = train_tokenizer(texts, vocab_size)
+        eos_id = tok.token_to_id(EOS)  # None for a foreign tokenizer without it: no separator then
         pieces = []
         for doc in texts:
             for enc in tok.encode_batch(_split_lines(doc)):
                 pieces.append(np.asarray(enc.ids, dtype=np.int64))
-            pieces.append(np.asarray([eos_id], dtype=np.int64))
+            if eos_id is not None:
+                pieces.append(np.asarray([eos_id], dtype=np.int64))
         ids = np.concatenate(pieces)
         dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
         out.parent.mkdir(parents=True, exist_ok=True)

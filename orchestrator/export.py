@@ -14,7 +14,7 @@ from orchestrator import checkpoint
 from orchestrator.errors import ConfigError
 
 EOS = "<|endoftext|>"
-_LAYER = {
+HF_LAYER_NAMES = {
     "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
     "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
     "attn.wo": "self_attn.o_proj", "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
@@ -31,7 +31,7 @@ def hf_name(name: str) -> str:
         return "lm_head.weight"
     _, index, rest = name.split(".", 2)  # layers.<i>.<module>.weight
     module, _ = rest.rsplit(".", 1)
-    return f"model.layers.{index}.{_LAYER[module]}.weight"
+    return f"model.layers.{index}.{HF_LAYER_NAMES[module]}.weight"
 
 
 def hf_config(model: dict, eos_id: int) -> dict:

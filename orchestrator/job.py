@@ -18,13 +18,21 @@ def process_start_time() -> float:
     return psutil.Process().create_time()
 
 
+def pretrained_tokenizer(job: JobConfig) -> str | None:
+    if not job.model.init_from:
+        return None
+    from orchestrator import pretrained
+
+    return pretrained.locate(job.model.init_from).tokenizer_path
+
+
 def run_job(job: JobConfig, command_start: float | None = None, sinks: list[Sink] | None = None) -> dict:
     """Runs ``job`` on the embedded cluster (or cluster.address) and returns its summary."""
     device = functools.cache(lambda: device_type(job.cluster))  # asked once Ray is connected
     controller = JobController(
         job,
         make_group=lambda: RayWorkerGroup(job.cluster, job.cluster.num_workers, device(), job.run.name),
-        prepare_data=lambda: prepare(job.data, job.model.vocab_size),
+        prepare_data=lambda: prepare(job.data, job.model.vocab_size, tokenizer_path=pretrained_tokenizer(job)),
         sinks=default_sinks(job, job.run.dir) if sinks is None else sinks,
         command_start=process_start_time() if command_start is None else command_start,
         connect=lambda: connect(job.cluster),

@@ -79,6 +79,16 @@ class Trainer:
         self._weights: dict = {}
         if resume_from:
             self._restore(Path(resume_from))
+        elif job.model.init_from:
+            self._init_from(job.model.init_from)
+
+    def _init_from(self, path: str) -> None:
+        """Pretrained weights, with a fresh optimizer and schedule (a resume restores those too)."""
+        from orchestrator import pretrained
+
+        weights = pretrained.load_weights(pretrained.locate(path))
+        self.engine.load_state_dict({"model": weights, "exp_avg": {}, "exp_avg_sq": {}, "optimizer_step": 0,
+                                     "scheduler": None})
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.read_trainer_state(path)

@@ -82,9 +82,12 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
-def restore_schedule(scheduler, state: dict) -> None:
+def restore_schedule(scheduler, state: dict | None) -> None:
     """Loads a LambdaLR state and puts its current rate into the optimizer's groups
-    (LambdaLR.load_state_dict alone leaves the groups at their initial rate)."""
+    (LambdaLR.load_state_dict alone leaves the groups at their initial rate). None: keep
+    the fresh schedule (pretrained weights without a training state)."""
+    if state is None:
+        return
     scheduler.load_state_dict(state)
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
