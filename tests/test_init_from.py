@@ -26,7 +26,7 @@ def source(ray_cluster, tmp_path_factory, data_cache):
 
 
 def short_job(run_dir, data_cache, *extra):
-    return compose(parity_overrides(run_dir, data_cache, "strategy=ddp", "cluster.num_workers=2",
+    return compose(parity_overrides(run_dir, data_cache, "strategy=single", "cluster.num_workers=1",
                                     "trainer.max_steps=2", *extra))
 
 
