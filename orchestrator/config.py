@@ -46,6 +46,13 @@ class DataConfig:
     # Local files only: .txt (whole file is one document), .jsonl/.json, .parquet.
     paths: list[str] = MISSING
     text_field: str = "text"
+    # text: documents packed into blocks (pretraining). sft: one example per row, either
+    # prompt_field/response_field or messages_field (a list of {role, content}), rendered
+    # through the chat template, padded to seq_len + 1, loss on the response tokens only.
+    format: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
     seq_len: int = 128
     shuffle: bool = True
     # Tokenizer and tokenized blocks are cached here, keyed by content hash.
@@ -154,6 +161,7 @@ CHOICES = {
     "logging.wandb.mode": ("offline", "online", "disabled"),
     "optim.schedule": ("cosine", "constant"),
     "optim.name": ("adamw",),
+    "data.format": ("text", "sft"),
 }
 
 

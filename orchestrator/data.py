@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 EOS = "<|endoftext|>"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -37,6 +37,7 @@ class PreparedData:
     n_tokens: int
     eos_id: int | None
     vocab_size: int
+    mask_path: str | None = None  # SFT: which target positions are trained
 
 
 def _files_digest(paths: list[Path]) -> str:
@@ -103,42 +104,58 @@ def _split_lines(text: str, chunk_chars: int = 1 << 16) -> list[str]:
     return out
 
 
+def tokenizer_for(texts: list[str], vocab_size: int, tokenizer_path: str | None):
+    """The given (pretrained) tokenizer, or a byte-level BPE trained on ``texts``."""
+    if tokenizer_path:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(tokenizer_path)
+    return train_tokenizer(texts, vocab_size)
+
+
+def _build_text(paths: list[Path], cfg: DataConfig, vocab_size: int, tokenizer_path: str | None, cache_root: Path):
+    """Documents -> one stream of token ids, documents separated by EOS."""
+    docs = load_documents(paths, cfg.text_field, cache_root)
+    texts = [t for t in docs["text"] if t]
+    tok = tokenizer_for(texts, vocab_size, tokenizer_path)
+    eos_id = tok.token_to_id(EOS)  # None for a foreign tokenizer without it: no separator then
+    pieces = []
+    for doc in texts:
+        for enc in tok.encode_batch(_split_lines(doc)):
+            pieces.append(np.asarray(enc.ids, dtype=np.int64))
+        if eos_id is not None:
+            pieces.append(np.asarray([eos_id], dtype=np.int64))
+    return {"tokens": np.concatenate(pieces)}, tok, {}
+
+
 def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None) -> PreparedData:
-    """Tokenizer + token ids for the files in ``cfg``, from cache when possible. The tokenizer
-    is trained here unless ``tokenizer_path`` names one (a pretrained model's)."""
+    """Tokenizer + token arrays for the files in ``cfg``, from cache when possible. The tokenizer
+    is trained here unless ``tokenizer_path`` names one (a pretrained model's). data.format=text
+    gives one token stream; sft gives padded examples with a mask of the trained positions."""
+    from orchestrator import sft
+
     paths = [Path(os.path.expanduser(p)).resolve() for p in cfg.paths]
     given = _files_digest([Path(tokenizer_path)]) if tokenizer_path else None
+    fields = [cfg.format, cfg.text_field] + ([cfg.prompt_field, cfg.response_field, cfg.messages_field, cfg.seq_len]
+                                             if cfg.format == "sft" else [])
     key = hashlib.sha256(
-        json.dumps([FORMAT_VERSION, _files_digest(paths), vocab_size, cfg.text_field, given]).encode()
+        json.dumps([FORMAT_VERSION, _files_digest(paths), vocab_size, fields, given]).encode()
     ).hexdigest()[:24]
     cache_root = Path(os.path.expanduser(cfg.cache_dir))
     out = cache_root / "tokenized" / key
     meta_path = out / "meta.json"
     if not meta_path.exists():
         cache_root.mkdir(parents=True, exist_ok=True)
-        docs = load_documents(paths, cfg.text_field, cache_root)
-        texts = [t for t in docs["text"] if t]
-        if tokenizer_path:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(tokenizer_path)
-        else:
-            tok = train_tokenizer(texts, vocab_size)
-        eos_id = tok.token_to_id(EOS)  # None for a foreign tokenizer without it: no separator then
-        pieces = []
-        for doc in texts:
-            for enc in tok.encode_batch(_split_lines(doc)):
-                pieces.append(np.asarray(enc.ids, dtype=np.int64))
-            if eos_id is not None:
-                pieces.append(np.asarray([eos_id], dtype=np.int64))
-        ids = np.concatenate(pieces)
+        build = sft.build if cfg.format == "sft" else _build_text
+        arrays, tok, extra = build(paths, cfg, vocab_size, tokenizer_path, cache_root)
         dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent))
-        np.save(tmp / "tokens.npy", ids.astype(dtype))
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr if arr.dtype == np.bool_ else arr.astype(dtype))
         tok.save(str(tmp / "tokenizer.json"))
-        meta = {"n_tokens": int(ids.size), "eos_id": eos_id, "vocab_size": tok.get_vocab_size(),
-                "files": [str(p) for p in paths]}
+        meta = {"n_tokens": int(arrays["tokens"].size), "eos_id": tok.token_to_id(EOS),
+                "vocab_size": tok.get_vocab_size(), "files": [str(p) for p in paths], **extra}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, out)  # atomic publish; a concurrent writer may have won
@@ -151,7 +168,17 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None)
         n_tokens=meta["n_tokens"],
         eos_id=meta["eos_id"],
         vocab_size=meta["vocab_size"],
+        mask_path=str(out / "mask.npy") if (out / "mask.npy").exists() else None,
     )
+
+
+def open_blocks(data: PreparedData, seq_len: int, val_fraction: float):
+    """The training examples of prepared data: packed text blocks, or SFT examples."""
+    if data.mask_path:
+        from orchestrator.sft import Examples
+
+        return Examples(data.tokens_path, data.mask_path, val_fraction)
+    return TokenBlocks(data.tokens_path, seq_len, val_fraction)
 
 
 class TokenBlocks:

@@ -16,7 +16,7 @@ import torch
 import strategies
 from orchestrator import checkpoint
 from orchestrator.config import JobConfig
-from orchestrator.data import BlockSampler, PreparedData, TokenBlocks
+from orchestrator.data import BlockSampler, PreparedData, open_blocks
 from orchestrator.models import Llama, LlamaArgs, num_params
 from strategies.base import EngineContext
 
@@ -70,7 +70,7 @@ class Trainer:
             trainer=job.trainer, seed=job.seed,
         )
         self.engine = strategy.build_engine(job.strategy, model, ctx)
-        self.blocks = TokenBlocks(data.tokens_path, job.data.seq_len, job.data.val_fraction)
+        self.blocks = open_blocks(data, job.data.seq_len, job.data.val_fraction)
         self.sampler = BlockSampler(
             self.blocks.n_train, job.trainer.global_batch_size, job.trainer.micro_batch_size,
             dp_rank=self.topology.dp_rank(rank), dp_size=self.topology.dp, seed=job.seed, shuffle=job.data.shuffle,
