@@ -73,3 +73,12 @@ def test_cli_ds_config_conflict_exits_2(tmp_path):
     assert "strategy.ds_config" in out and "train_micro_batch_size_per_gpu=3" in out
     assert "trainer.micro_batch_size = 8" in out
     assert "Started a local Ray instance" not in out
+
+
+def test_experiment_presets_compose(tmp_path):
+    pre = compose(["+experiment=pretrain", f"run.dir={tmp_path}"])
+    assert pre.model.name == "small" and pre.trainer.checkpoint_every == 100 and pre.data.val_fraction > 0
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "p", "response": "r"}\n')
+    sft = compose(["+experiment=sft", f"run.dir={tmp_path}", f"data.paths=[{rows}]"])
+    assert sft.data.format == "sft" and sft.trainer.eval_every == 50
