@@ -7,6 +7,7 @@ file only); ``load_weights`` runs in each rank and returns full tensors under ou
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,7 +35,10 @@ class Pretrained:
     arch: dict  # our ModelConfig fields
 
 
+@functools.lru_cache(maxsize=8)
 def locate(path: str) -> Pretrained:
+    """What ``path`` holds. Cached per process: the driver asks while validating and again for
+    the tokenizer, and choosing a run's checkpoint hashes its files."""
     root = Path(os.path.expanduser(path))
     if (root / "job.json").is_file():  # a run directory: its newest verified checkpoint
         ckpt = checkpoint.latest(root)
