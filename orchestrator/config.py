@@ -139,6 +139,35 @@ class StrategyConfig:
     name: str = MISSING
 
 
+# The model's linear layers that LoRA can adapt (suffixes of module names).
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output")
+# Strategies whose engines train a LoRA-adapted model (frozen base, trainable adapters).
+LORA_STRATEGIES = ("single", "ddp", "zero1", "zero2")
+
+
+@dataclass
+class LoraConfig:
+    # 0: no LoRA (every weight trains). > 0: the adapters' rank; only they train and are saved.
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+
+
+@dataclass
+class FinetuneConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class PublishConfig:
+    """Weight sync to a running inference pool (launch.serve inference.name=POOL on the same Ray
+    cluster): every sync_every steps rank 0 sends the current weights through Ray, no checkpoint."""
+
+    sync_every: int = 0  # 0: never
+    pool: str = "default"
+
+
 @dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,6 +178,8 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    inference: PublishConfig = field(default_factory=PublishConfig)
     seed: int = 0
     # auto: bf16 on CUDA, fp32 on CPU.
     precision: str = "auto"  # auto | fp32 | bf16
@@ -202,6 +233,8 @@ def to_job_config(cfg: Any) -> JobConfig:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(str(key), str(exc).splitlines()[0]) from None
     job: JobConfig = OmegaConf.to_object(merged)
+    if job.model.init_from:  # absolute, so that the run's job.json names it from anywhere
+        job.model.init_from = os.path.abspath(os.path.expanduser(job.model.init_from))
     validate(job)
     return job
 
@@ -260,6 +293,8 @@ def validate(job: JobConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"trainer.{key}", f"must be >= 1, got {getattr(t, key)}")
+    if job.inference.sync_every < 0:
+        raise ConfigError("inference.sync_every", f"must be >= 0 (0: never), got {job.inference.sync_every}")
     for key in ("checkpoint_every", "eval_every", "exit_at_step", "max_restarts", "sample_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.{key}", f"must be >= 0, got {getattr(t, key)}")
@@ -276,6 +311,8 @@ def validate(job: JobConfig) -> None:
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
 
+    validate_lora(job)
+
     strategy = strategies.get(job.strategy.name)
     topo = strategy.topology(job.strategy, c.num_workers)
     strategy.check(job.strategy, job, topo)
@@ -287,6 +324,33 @@ def validate(job: JobConfig) -> None:
             f"{t.global_batch_size} is not divisible by trainer.micro_batch_size * data-parallel size "
             f"= {t.micro_batch_size} * {topo.dp} = {per_step}",
         )
+
+
+def validate_lora(job: JobConfig) -> None:
+    lora = job.finetune.lora
+    if lora.rank < 0:
+        raise ConfigError("finetune.lora.rank", f"must be >= 0 (0 disables LoRA), got {lora.rank}")
+    if lora.rank == 0:
+        return
+    if job.strategy.name not in LORA_STRATEGIES:
+        raise ConfigError("finetune.lora", f"LoRA runs with strategy {', '.join(LORA_STRATEGIES)}; "
+                                           f"not with {job.strategy.name!r}")
+    if not job.model.init_from:
+        raise ConfigError("finetune.lora", "LoRA adapts pretrained weights: set model.init_from to a run, "
+                                           "checkpoint or Hugging Face directory")
+    if lora.alpha <= 0:
+        raise ConfigError("finetune.lora.alpha", f"must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError("finetune.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ConfigError("finetune.lora.target_modules", f"name at least one of {', '.join(LORA_TARGETS)}")
+    for name in lora.target_modules:
+        if name not in LORA_TARGETS:
+            raise ConfigError("finetune.lora.target_modules",
+                              f"{name!r} names no module of the model; its linear layers are {', '.join(LORA_TARGETS)}")
+    if "output" in lora.target_modules and job.model.tie_embeddings:
+        raise ConfigError("finetune.lora.target_modules", "'output' shares its weight with the embedding "
+                                                          "(model.tie_embeddings=true) and cannot be adapted")
 
 
 def compose(overrides: list[str] | None = None) -> JobConfig:

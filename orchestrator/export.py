@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from orchestrator import checkpoint
+from orchestrator import checkpoint, pretrained
 from orchestrator.errors import ConfigError
 
 EOS = "<|endoftext|>"
@@ -61,7 +61,7 @@ def hf_config(model: dict, eos_id: int) -> dict:
 
 def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Writes model.safetensors, config.json and tokenizer files; returns the checkpoint used."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -73,7 +73,8 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     if ckpt is None:
         raise ConfigError("RUN_DIR", f"{run_dir} has no verified checkpoint under checkpoints/")
     model_cfg = json.loads(job_file.read_text())["model"]
-    weights = load_file(str(ckpt / "model.safetensors"))
+    # Full weights; a LoRA run's adapters are merged into its base here.
+    weights = pretrained.load_weights(pretrained.locate(str(ckpt)))
     if model_cfg["tie_embeddings"]:
         weights.pop("output.weight", None)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -282,6 +282,14 @@ def grouped_extras(run_metrics: list[dict]) -> dict:
     return out
 
 
+def last_eval(history: list[dict]) -> dict | None:
+    """The newest held-out evaluation: its step and val_* figures."""
+    evals = [m for m in history if "val_loss" in m]
+    if not evals:
+        return None
+    return {"step": evals[-1]["step"], **{k: v for k, v in evals[-1].items() if k.startswith("val_")}}
+
+
 def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics: list[dict],
                   outcomes: list[dict] | None, command_start: float, end: float, restarts: int,
                   error: str | None, sample: str | None, n_params: int | None) -> dict:
@@ -294,6 +302,7 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "world_size": job.cluster.num_workers,
         "model": job.model.name,
         "n_params": n_params,
+        "n_trainable_params": outcomes[0].get("trainable_params") if outcomes else None,
         "steps": history[-1]["step"] if history else 0,
         "max_steps": job.trainer.max_steps,
         "exited_early": any(o.get("exited_early") for o in outcomes),
@@ -305,6 +314,7 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "peak_rss_bytes_per_rank": [o["peak_rss_bytes"] for o in outcomes],
         "node_per_rank": [o.get("node_id") for o in outcomes],
         "memory": memory_summary([o["memory"] for o in outcomes]),
+        "eval": last_eval(history),
         "restarts": restarts,
         "error": error,
         "sample": sample,

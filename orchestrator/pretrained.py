@@ -33,6 +33,9 @@ class Pretrained:
     weight_files: tuple[str, ...]
     tokenizer_path: str
     arch: dict  # our ModelConfig fields
+    # A LoRA run's checkpoint holds adapters only: its base weights and finetune.lora options.
+    base: str | None = None
+    lora: dict | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -60,8 +63,12 @@ def _ours(path: str, run_dir: Path, ckpt: Path) -> Pretrained:
     tokenizer = run_dir / "tokenizer.json"
     if not tokenizer.is_file():
         raise ConfigError(KEY, f"{path}: the run's tokenizer.json is missing")
-    arch = json.loads((run_dir / "job.json").read_text())["model"]
-    return Pretrained(path, "checkpoint", (str(ckpt / "model.safetensors"),), str(tokenizer), arch)
+    job = json.loads((run_dir / "job.json").read_text())
+    lora = job.get("finetune", {}).get("lora", {})
+    if lora.get("rank"):
+        return Pretrained(path, "checkpoint", (str(ckpt / "model.safetensors"),), str(tokenizer), job["model"],
+                          base=job["model"]["init_from"], lora=lora)
+    return Pretrained(path, "checkpoint", (str(ckpt / "model.safetensors"),), str(tokenizer), job["model"])
 
 
 def _huggingface(path: str, root: Path) -> Pretrained:
@@ -115,6 +122,10 @@ def load_weights(pre: Pretrained) -> dict:
     weights: dict = {}
     for f in pre.weight_files:
         weights.update(load_file(f))
+    if pre.lora:  # adapters: fold them into their base
+        from orchestrator import lora
+
+        return lora.merge(load_weights(locate(pre.base)), weights, pre.lora["rank"], pre.lora["alpha"])
     if pre.kind == "huggingface":
         ours = {hf_name(n): n for n in parameter_names(pre.arch)}
         unknown = sorted(set(weights) - set(ours))

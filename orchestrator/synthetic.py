@@ -9,12 +9,19 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def reverse_words(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[dict]:
-    """n prompt/response rows: "Reverse: abc" -> "cba"."""
+    """n prompt/response rows: "Reverse: c a t" -> "t a c". Letters are spaced so that a
+    byte-level BPE tokenizer gives one token per letter: the task is to reverse a sequence of
+    tokens, not to spell out merged pieces. A word never repeats a letter (each output letter then
+    has one place in the prompt), and no word appears twice, so a held-out row is never a
+    training row."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(min_len, max_len)))
-        rows.append({"prompt": f"Reverse: {word}", "response": word[::-1]})
+    rows, seen = [], set()
+    while len(rows) < n:
+        word = rng.sample(LETTERS, rng.randint(min_len, max_len))
+        if "".join(word) in seen:
+            continue
+        seen.add("".join(word))
+        rows.append({"prompt": f"Reverse: {' '.join(word)}", "response": " ".join(reversed(word))})
     return rows
 
 

@@ -48,6 +48,7 @@ class TrainOutcome:
     exited_early: bool
     peak_rss_bytes: int
     memory: dict
+    trainable_params: int
 
 
 class Trainer:
@@ -67,9 +68,12 @@ class Trainer:
         ctx = EngineContext(
             topology=self.topology, rank=rank, device=device,
             precision=resolve_precision(job.precision, device), optim=job.optim,
-            trainer=job.trainer, seed=job.seed,
+            trainer=job.trainer, seed=job.seed, lora=job.finetune.lora if job.finetune.lora.rank else None,
         )
         self.engine = strategy.build_engine(job.strategy, model, ctx)
+        trained = self.engine.generation_model()
+        self.n_trainable = (sum(p.numel() for p in trained.parameters() if p.requires_grad) if trained is not None
+                            else self.n_params)
         self.blocks = open_blocks(data, job.data.seq_len, job.data.val_fraction)
         self.sampler = BlockSampler(
             self.blocks.n_train, job.trainer.global_batch_size, job.trainer.micro_batch_size,
@@ -82,17 +86,23 @@ class Trainer:
         elif job.model.init_from:
             self._init_from(job.model.init_from)
 
-    def _init_from(self, path: str) -> None:
-        """Pretrained weights, with a fresh optimizer and schedule (a resume restores those too)."""
+    def _pretrained_weights(self) -> dict:
         from orchestrator import pretrained
 
-        weights = pretrained.load_weights(pretrained.locate(path))
-        self.engine.load_state_dict({"model": weights, "exp_avg": {}, "exp_avg_sq": {}, "optimizer_step": 0,
-                                     "scheduler": None})
+        return pretrained.load_weights(pretrained.locate(self.job.model.init_from))
+
+    def _init_from(self, path: str) -> None:
+        """Pretrained weights, with a fresh optimizer and schedule (a resume restores those too).
+        A LoRA job's adapters keep their initialization."""
+        self.engine.load_state_dict({"model": self._pretrained_weights(), "exp_avg": {}, "exp_avg_sq": {},
+                                     "optimizer_step": 0, "scheduler": None})
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.read_trainer_state(path)
-        self.engine.load_state_dict(checkpoint.load_engine_state(path))
+        engine_state = checkpoint.load_engine_state(path)
+        if self.job.finetune.lora.rank:  # the checkpoint holds the adapters; the base is model.init_from
+            engine_state["model"] = {**self._pretrained_weights(), **engine_state["model"]}
+        self.engine.load_state_dict(engine_state)
         self.sampler.load_state_dict(state.sampler)
         checkpoint.load_rng(path, self.rank)
         self.step = state.step
@@ -115,19 +125,23 @@ class Trainer:
             keep=self.job.trainer.keep_checkpoints,
         )
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """The held-out split, as many whole rounds of micro-batches over the data-parallel ranks
+        as it fills (every rank runs the same number of micro-batches). Exact match is reported
+        for SFT data, whose targets are reference answers."""
         t = self.job.trainer
-        n = min(self.blocks.n_val, t.global_batch_size) // (t.micro_batch_size * self.topology.dp)
-        n *= t.micro_batch_size * self.topology.dp
-        per_rank = n // self.topology.dp
+        chunk = t.micro_batch_size * self.topology.dp
+        per_rank = (self.blocks.n_val // chunk) * t.micro_batch_size
         start = self.topology.dp_rank(self.rank) * per_rank
         ids = list(range(start, start + per_rank))
-        micro = [ids[i : i + t.micro_batch_size] for i in range(0, per_rank, t.micro_batch_size)]
         batches = []
-        for m in micro:
-            x, y = self.blocks.batch(m, split="val")
+        for i in range(0, per_rank, t.micro_batch_size):
+            x, y = self.blocks.batch(ids[i : i + t.micro_batch_size], split="val")
             batches.append((x.to(self.device), y.to(self.device)))
-        return self.engine.eval_step(batches)
+        result = self.engine.eval_step(batches)
+        if self.job.data.format != "sft":
+            result.pop("val_exact_match", None)
+        return result
 
     def run(self) -> TrainOutcome:
         t = self.job.trainer
@@ -148,10 +162,14 @@ class Trainer:
                     "tokens": self.step * tokens_per_step, "time": time.time(), "rss_bytes": peak_rss_bytes(),
                     **result.extra,
                 }
-            if t.eval_every and self.step % t.eval_every == 0 and self.blocks.n_val:
+            if t.eval_every and self.step % t.eval_every == 0 and self.can_evaluate:
                 val = self.evaluate()
                 if self.rank == 0:
-                    metrics["val_loss"] = val
+                    metrics.update(val)
+            if self.job.inference.sync_every and self.step % self.job.inference.sync_every == 0:
+                timing = self.publish_weights()
+                if self.rank == 0:
+                    metrics.update(timing)
             if self.rank == 0:
                 self.report(metrics)
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.exit_at_step:
@@ -163,7 +181,35 @@ class Trainer:
         if saved_at != self.step:
             self.save()
         return TrainOutcome(rank=self.rank, first_step=first_step, last_step=self.step, exited_early=exited_early,
-                            peak_rss_bytes=peak_rss_bytes(), memory=self.engine.memory_report())
+                            peak_rss_bytes=peak_rss_bytes(), memory=self.engine.memory_report(),
+                            trainable_params=self.n_trainable)
+
+    def publish_weights(self) -> dict:
+        """Full weights to the inference pool (collective: the state is gathered on rank 0).
+        Rank 0 times the send against a plain in-memory copy of the same tensors."""
+        from orchestrator import lora
+        from orchestrator.inference.server import publish
+
+        weights = self.engine.state_dict()["model"]
+        if self.rank != 0:
+            return {}
+        if self.job.finetune.lora.rank:
+            opts = self.job.finetune.lora
+            weights = lora.merge(self._pretrained_weights(), weights, opts.rank, opts.alpha)  # adapters -> full
+        weights = {k: v.detach().cpu() for k, v in weights.items()}
+        start = time.perf_counter()
+        replicas = publish(self.job.inference.pool, weights)
+        sync_s = time.perf_counter() - start
+        start = time.perf_counter()
+        copied = {k: v.clone() for k, v in weights.items()}
+        copy_s = time.perf_counter() - start
+        del copied
+        return {"inference.sync_s": sync_s, "inference.copy_s": copy_s, "inference.replicas": float(replicas),
+                "inference.bytes": float(sum(v.numel() * v.element_size() for v in weights.values()))}
+
+    @property
+    def can_evaluate(self) -> bool:
+        return self.blocks.n_val >= self.job.trainer.micro_batch_size * self.topology.dp
 
     def sample(self, tokenizer_path: str, prompt: str, max_new_tokens: int, temperature: float = 0.8) -> str:
         from tokenizers import Tokenizer

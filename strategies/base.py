@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from orchestrator.config import OptimConfig, TrainerConfig
 from orchestrator.models import causal_lm_loss
+from orchestrator.sft import IGNORE as IGNORE_INDEX
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.topology import Topology
 
@@ -33,6 +34,8 @@ class EngineContext:
     optim: OptimConfig
     trainer: TrainerConfig
     seed: int
+    # finetune.lora when its rank is > 0: the engine trains adapters on a frozen model.
+    lora: Any = None
 
     @property
     def max_steps(self) -> int:
@@ -52,7 +55,9 @@ class StepResult:
 class Engine(Protocol):
     def train_step(self, micro_batches: list[Batch]) -> StepResult: ...
 
-    def eval_step(self, micro_batches: list[Batch]) -> float: ...
+    # {"val_loss": mean loss, "val_exact_match": fraction of rows whose every target token is
+    # the model's greedy choice (where the engine sees whole logits; else absent)}.
+    def eval_step(self, micro_batches: list[Batch]) -> dict[str, float]: ...
 
     # The canonical, layout-independent training state (see orchestrator.checkpoint):
     # {"model", "exp_avg", "exp_avg_sq": name -> full tensor, "optimizer_step": int,
@@ -75,11 +80,42 @@ def mean_over_group(value: torch.Tensor, group: dist.ProcessGroup | None) -> flo
     return float(value)
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
-    """Allocates a meta-device model on ``device`` and initializes it deterministically."""
-    model = model.to_empty(device=device)
-    model.init_weights(seed)
+def materialize(model: nn.Module, ctx: EngineContext) -> nn.Module:
+    """Allocates a meta-device model on the context's device, initializes it deterministically
+    and, for a LoRA job, injects the adapters (freezing the rest)."""
+    model = model.to_empty(device=ctx.device)
+    model.init_weights(ctx.seed)
+    if ctx.lora is not None:
+        from orchestrator import lora
+
+        model = lora.apply(model, ctx.lora, ctx.seed)
     return model
+
+
+def model_weights(model: nn.Module, weights: dict) -> dict:
+    """A state's weights under the model's own names (see orchestrator.lora.to_model_names)."""
+    from orchestrator import lora
+
+    return lora.to_model_names(model, weights)
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], micro_batches: list[Batch], device: torch.device,
+             group: dist.ProcessGroup | None) -> dict[str, float]:
+    """Mean loss over the micro-batches and the exact-match rate of their rows (a row matches
+    when the greedy choice at every target position is the target: greedy decoding would
+    reproduce the reference answer), each averaged over ``group``'s ranks."""
+    loss = torch.zeros((), device=device)
+    exact = torch.zeros((), device=device)
+    rows = 0
+    for x, y in micro_batches:
+        logits = full_value(forward(x))  # a tensor-parallel model's logits are gathered for eval
+        loss += causal_lm_loss(logits, y)
+        hit = (logits.argmax(-1) == y) | (y == IGNORE_INDEX)
+        exact += hit.all(dim=1).sum()
+        rows += y.shape[0]
+    return {"val_loss": mean_over_group(loss / len(micro_batches), group),
+            "val_exact_match": mean_over_group(exact / max(rows, 1), group)}
 
 
 def restore_schedule(scheduler, state: dict | None) -> None:
@@ -185,15 +221,16 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=self._mean_over_dp(total / n), grad_norm=float(grad_norm), lr=lr)
 
-    @torch.no_grad()
-    def eval_step(self, micro_batches: list[Batch]) -> float:
+    def eval_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with autocast(self.ctx.device, self.ctx.precision):
+                return self.module(x)
+
         self.module.eval()
-        total = torch.zeros((), device=self.ctx.device)
-        for x, y in micro_batches:
-            with self.loss_context(), autocast(self.ctx.device, self.ctx.precision):
-                total += full_value(causal_lm_loss(self.module(x), y))
-        self.module.train()
-        return self._mean_over_dp(total / len(micro_batches))
+        try:
+            return evaluate(forward, micro_batches, self.ctx.device, self.dp_group)
+        finally:
+            self.module.train()
 
     def state_dict(self) -> dict:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -202,11 +239,13 @@ class TorchEngine:
             exp_avg[names[id(p)]] = st["exp_avg"]
             exp_avg_sq[names[id(p)]] = st["exp_avg_sq"]
             step = int(st["step"])
-        return {"model": self.model.state_dict(), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+        from orchestrator import lora
+
+        return {"model": lora.saved_weights(self.model, self.model.state_dict()), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
                 "optimizer_step": step, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(model_weights(self.model, state["model"]), strict=False)
         if state["optimizer_step"]:
             for name, p in self.model.named_parameters():
                 if p.requires_grad:

@@ -29,7 +29,7 @@ def build_engine(cfg: Config, model, ctx):
 
     from strategies.base import TorchEngine, materialize
 
-    model = materialize(model, ctx.device, ctx.seed)
+    model = materialize(model, ctx)
     wrapped = DistributedDataParallel(
         model,
         device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,

@@ -338,8 +338,9 @@ class PipelineEngine(MeshEngine):
                                  "pipeline.theoretical_bubble_fraction": self.layout.theoretical_bubble()})
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[Batch]) -> float:
-        return float(self._run(self.schedule.eval, micro_batches))
+    def eval_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        # The logits stay inside the last stage's schedule: the loss alone is reported.
+        return {"val_loss": float(self._run(self.schedule.eval, micro_batches))}
 
 
 def build(layout: Layout, model: Llama, ctx: EngineContext) -> MeshEngine:

@@ -26,5 +26,5 @@ def check(cfg: Config, job, topology: Topology) -> None:
 def build_engine(cfg: Config, model, ctx):
     from strategies.base import TorchEngine, materialize
 
-    model = materialize(model, ctx.device, ctx.seed)
+    model = materialize(model, ctx)
     return TorchEngine(model, model, ctx)

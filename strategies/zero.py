@@ -163,7 +163,7 @@ class ZeroEngine:
         self.cfg = cfg
         self.ctx = ctx
         self.stage = stage(cfg)
-        model = materialize(model, ctx.device, ctx.seed)
+        model = materialize(model, ctx)
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = build_optimizer(model, ctx.optim)
         scheduler = build_scheduler(optimizer, ctx.optim, ctx.max_steps)
@@ -239,19 +239,14 @@ class ZeroEngine:
         return StepResult(loss=mean_over_group(total / len(micro_batches), None), grad_norm=float(grad_norm or 0.0),
                           lr=lr)
 
-    def eval_step(self, micro_batches) -> float:
-        import torch
-
-        from orchestrator.models import causal_lm_loss
-        from strategies.base import mean_over_group
+    def eval_step(self, micro_batches) -> dict:
+        from strategies.base import evaluate
 
         self.engine.eval()
-        total = torch.zeros((), device=self.ctx.device)
-        with torch.no_grad():
-            for x, y in micro_batches:
-                total += causal_lm_loss(self.engine(x), y).float()
-        self.engine.train()
-        return mean_over_group(total / len(micro_batches), None)
+        try:
+            return evaluate(self.engine, micro_batches, self.ctx.device, None)
+        finally:
+            self.engine.train()
 
     def _named(self, remove_duplicate: bool = True):
         return list(self.engine.module.named_parameters(remove_duplicate=remove_duplicate))
@@ -260,13 +255,20 @@ class ZeroEngine:
         """Gathers full fp32 weights and AdamW moments (collective: every rank calls it)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        from orchestrator import lora
+
         full: dict = {}
         model, exp_avg, exp_avg_sq = {}, {}, {}
+        adapted = lora.is_adapted(self.engine.module)
         for name, p in self._named(remove_duplicate=False):
+            if adapted and not lora.is_adapter(name):
+                continue  # a LoRA job saves its adapters; the frozen base is its model.init_from
             if id(p) not in full:
                 full[id(p)] = safe_get_full_fp32_param(p)
             model[name] = full[id(p)]
         for name, p in self._named():
+            if not p.requires_grad:
+                continue
             exp_avg[name] = safe_get_full_optimizer_state(p, "exp_avg")
             exp_avg_sq[name] = safe_get_full_optimizer_state(p, "exp_avg_sq")
         steps = [int(st["step"]) for st in self.base_optimizer.state.values() if "step" in st]
@@ -278,20 +280,23 @@ class ZeroEngine:
         import torch
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        from strategies.base import restore_schedule
+        from strategies.base import model_weights, restore_schedule
 
-        named = self._named()
+        weights = model_weights(self.engine.module, state["model"])
+        named = [(name, p) for name, p in self._named() if name in weights]
         # The working weights the forward pass uses...
         params = [p for _, p in named]
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.stage == 3 else nullcontext()
         with gather, torch.no_grad():
             for name, p in named:
-                p.data.copy_(state["model"][name].to(p.device, p.dtype))
-        # ...and the fp32 master partitions and moments the optimizer updates.
+                p.data.copy_(weights[name].to(p.device, p.dtype))
+        # ...and the fp32 master partitions and moments the optimizer updates (trainable ones).
         if state["optimizer_step"]:
             self._ensure_optimizer_states()
         for name, p in named:
-            safe_set_full_fp32_param(p, state["model"][name].to(self.ctx.device, torch.float32))
+            if not p.requires_grad:
+                continue
+            safe_set_full_fp32_param(p, weights[name].to(self.ctx.device, torch.float32))
             if state["optimizer_step"]:
                 safe_set_full_optimizer_state(p, state["exp_avg"][name].to(self.ctx.device, torch.float32), "exp_avg")
                 safe_set_full_optimizer_state(p, state["exp_avg_sq"][name].to(self.ctx.device, torch.float32),

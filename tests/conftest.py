@@ -61,6 +61,18 @@ def parity_overrides(run_dir: Path, data_cache: Path, *extra: str) -> list[str]:
             "logging.progress=false", "precision=fp32", *extra]
 
 
+def single_run(tmp_path_factory, data_cache, name: str, *extra: str) -> tuple[Path, dict]:
+    """A finished single-process parity-sized run (run directory, summary), e.g. a model to start from."""
+    from orchestrator.config import compose
+    from orchestrator.job import run_job
+
+    run_dir = tmp_path_factory.mktemp(name)
+    summary = run_job(compose(parity_overrides(run_dir, data_cache, "strategy=single", "cluster.num_workers=1",
+                                               *extra)))
+    assert summary["status"] == "succeeded", summary["error"]
+    return run_dir, summary
+
+
 @pytest.fixture(scope="session")
 def reference(ray_cluster, tmp_path_factory, data_cache) -> dict:
     """The single-process run every strategy is compared with."""

@@ -10,16 +10,13 @@ from orchestrator.config import compose
 from orchestrator.errors import ConfigError
 from orchestrator.export import export
 from orchestrator.job import run_job
-from tests.conftest import parity_overrides
+from tests.conftest import parity_overrides, single_run
 
 
 @pytest.fixture(scope="module")
 def source(ray_cluster, tmp_path_factory, data_cache):
     """A short single-process run and its Hugging Face export."""
-    run_dir = tmp_path_factory.mktemp("source")
-    summary = run_job(compose(parity_overrides(run_dir, data_cache, "strategy=single", "cluster.num_workers=1",
-                                               "trainer.max_steps=10", "optim.lr=3e-3")))
-    assert summary["status"] == "succeeded", summary["error"]
+    run_dir, summary = single_run(tmp_path_factory, data_cache, "source", "trainer.max_steps=10", "optim.lr=3e-3")
     hf_dir = tmp_path_factory.mktemp("hf")
     export(run_dir, hf_dir)
     return run_dir, hf_dir, summary
