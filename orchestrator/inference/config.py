@@ -1,0 +1,94 @@
+"""Typed configuration of ``launch.serve`` (Hydra schema ``serve_schema``, conf/serve.yaml)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+
+from orchestrator.errors import ConfigError
+
+
+@dataclass
+class InferenceConfig:
+    # Training jobs publish weights to this pool (their inference.pool); replicas are the Ray
+    # actors "<name>/replica-<i>" in namespace "forgeline".
+    name: str = "default"
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Bearer token for every endpoint but /health; required when host is not a loopback address.
+    token: Optional[str] = None
+    max_batch: int = 32  # sequences decoded together by one replica
+    block_size: int = 16  # token slots per KV-cache block
+    kv_cache_tokens: int = 16384  # token slots in a replica's cache (all layers)
+    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    queue_limit: int = 256  # requests in flight over the pool; beyond it the server answers 429
+    cpus_per_replica: int = 1
+    request_timeout_s: float = 300.0
+    quantize: str = "none"  # none | int8 (weight-only)
+    tp: int = 1  # tensor-parallel ranks per replica (only 1 for now)
+
+
+@dataclass
+class ServeConfig:
+    # A run directory, one of its checkpoints, or a local Hugging Face Llama directory.
+    checkpoint: str = MISSING
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    # null: an embedded local Ray cluster; else the address of a running one.
+    address: Optional[str] = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(cfg: ServeConfig) -> None:
+    from orchestrator import pretrained
+
+    i = cfg.inference
+    for key in ("replicas", "max_batch", "block_size", "kv_cache_tokens", "max_tokens_limit", "queue_limit",
+                "cpus_per_replica"):
+        if getattr(i, key) < 1:
+            raise ConfigError(f"inference.{key}", f"must be >= 1, got {getattr(i, key)}")
+    if not 0 <= i.port < 65536:
+        raise ConfigError("inference.port", f"must be in [0, 65535], got {i.port}")
+    if i.quantize not in ("none", "int8"):
+        raise ConfigError("inference.quantize", f"{i.quantize!r} is not allowed; choose one of none, int8")
+    if i.tp != 1:
+        raise ConfigError("inference.tp", f"tensor-parallel replicas are not available yet; use 1, got {i.tp}")
+    if not is_loopback(i.host) and not i.token:
+        raise ConfigError("inference.token", f"binding to {i.host} (not loopback) needs a bearer token: set "
+                                             "inference.token or FORGELINE_SERVE_TOKEN")
+    pre = pretrained.locate(cfg.checkpoint)
+    from orchestrator.inference.replica import model_shape
+
+    max_seq_len = model_shape(pre)["max_seq_len"]
+    if i.kv_cache_tokens < max_seq_len:
+        raise ConfigError("inference.kv_cache_tokens", f"must hold at least one whole sequence "
+                                                       f"(max_seq_len={max_seq_len}), got {i.kv_cache_tokens}")
+
+
+def compose(overrides: list[str] | None = None) -> ServeConfig:
+    """The typed serve config for these overrides (``checkpoint=... inference.replicas=N``)."""
+    overrides = list(overrides or [])
+    base = OmegaConf.structured(ServeConfig)
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+    except Exception as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(str(key), str(exc).splitlines()[0]) from None
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("checkpoint", "name a run directory, checkpoint or Hugging Face directory: checkpoint=PATH")
+    serve: ServeConfig = OmegaConf.to_object(cfg)
+    if serve.inference.token is None and os.environ.get("FORGELINE_SERVE_TOKEN"):
+        serve.inference.token = os.environ["FORGELINE_SERVE_TOKEN"]
+    validate(serve)
+    return serve
