@@ -114,7 +114,12 @@ class Replica:
 
     async def load_weights(self, weights: dict) -> int:
         """Swaps in new weights (our parameter names) between two engine steps; returns the step."""
+        from orchestrator.inference.quantize import Int8Linear
+
         model = self.engine.model
+        if any(isinstance(m, Int8Linear) for m in model.modules()):
+            # The int8 layers hold no parameters of those names: a sync would keep the old weights.
+            raise ValueError("weight sync into an int8-quantized replica is not supported")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in weights:
