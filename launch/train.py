@@ -5,7 +5,12 @@ Exit codes: 0 succeeded, 1 the job failed, 2 bad configuration (no worker starte
 """
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import sys
+import threading
+import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +22,28 @@ from orchestrator.errors import ConfigError
 from orchestrator.report import print_summary
 
 _entered = False
+
+# After Ctrl-C the controller stops the workers and the cluster; should that hang
+# (a Ray call stuck on a dying process), the command still leaves after this long,
+# printing where it was stuck. A second Ctrl-C leaves at once.
+TEARDOWN_GRACE_S = 60.0
+
+
+def _leave_after_grace() -> None:
+    time.sleep(TEARDOWN_GRACE_S)
+    print(f"\nteardown still running {TEARDOWN_GRACE_S:g}s after the interrupt; leaving. It was here:",
+          file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    os._exit(130)
+
+
+def _on_interrupt(signum, frame) -> None:
+    if getattr(_on_interrupt, "at", None) is not None:
+        print("\nsecond interrupt: leaving without waiting for teardown", file=sys.stderr, flush=True)
+        os._exit(130)
+    _on_interrupt.at = time.time()
+    threading.Thread(target=_leave_after_grace, name="teardown-deadline", daemon=True).start()
+    raise KeyboardInterrupt
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
@@ -50,6 +77,7 @@ def _train(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_schemas()
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         _train()
     except SystemExit as exc:
