@@ -1,10 +1,13 @@
 """The synthetic finetuning task end to end: a model pretrained by the project on the sample
-corpus cannot reverse spaced letters; after SFT, and after LoRA, it can. Held-out examples are
-scored by exact match (greedy output equals the reference, see strategies.base.evaluate).
+corpus cannot reverse a word ("Reverse:\nc-a-t" -> "t-a-c"); after SFT, and after LoRA with under
+5% of its parameters trainable, it can. Held-out rows (words never seen in training) are scored by
+exact match: greedy output equals the reference (see strategies.base.evaluate).
 
-    python benchmarks/finetune.py --out /tmp/finetune                    # pretrains first
+    python benchmarks/finetune.py --out /tmp/finetune                  # pretrains the base first
     python benchmarks/finetune.py --base runs/pretrain --out /tmp/finetune
 
+The defaults (tiny model, 1,500 pretraining steps, 2,000 finetuning steps) fit a 2-core CPU in
+about ten minutes; --model small with the presets' rates is the same run at the main job's size.
 Prints one JSON line last: exact match of the base, SFT and LoRA models on the held-out rows,
 LoRA's trainable fraction, steps and wall times.
 """
@@ -16,41 +19,28 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 
-from orchestrator import pretrained
 from orchestrator.config import compose
-from orchestrator.data import open_blocks, prepare
+from orchestrator.evaluation import evaluate_init
 from orchestrator.job import run_job
-from orchestrator.models import Llama
 from orchestrator.synthetic import reverse_words, write_jsonl
-from orchestrator.trainer import model_args
-from strategies.base import evaluate
 
 QUIET = ["logging.wandb.mode=disabled", "logging.progress=false"]
-
-
-def base_exact_match(job) -> dict:
-    """The base model, unchanged, on the same held-out rows the finetuning jobs evaluate."""
-    data = prepare(job.data, job.model.vocab_size, pretrained.locate(job.model.init_from).tokenizer_path)
-    examples = open_blocks(data, job.data.seq_len, job.data.val_fraction)
-    model = Llama(model_args(job))
-    model.load_state_dict(pretrained.load_weights(pretrained.locate(job.model.init_from)))
-    model.init_buffers()
-    model.eval()
-    mb = job.trainer.micro_batch_size
-    batches = [examples.batch(list(range(i, min(i + mb, examples.n_val))), split="val")
-               for i in range(0, examples.n_val - examples.n_val % mb, mb)]
-    return {**evaluate(model, batches, torch.device("cpu"), None), "val_examples": len(batches) * mb}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--base", help="a pretrained run directory (default: pretrain one with +experiment=pretrain)")
+    ap.add_argument("--model", default="tiny", help="model config group option (tiny, small, medium)")
+    ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--rows", type=int, default=4000)
-    ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--lora-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=2000)
+    ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--lora-steps", type=int, default=2000)
+    ap.add_argument("--lora-lr", type=float, default=5e-3)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-targets", default="wq,wk,wv,wo")
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
@@ -62,18 +52,25 @@ def main() -> None:
     if base is None:
         base = str(out / "pretrain")
         t = time.time()
-        summary = run_job(compose(["+experiment=pretrain", f"run.dir={base}", *QUIET]))
+        summary = run_job(compose(["+experiment=pretrain", f"run.dir={base}", f"model={args.model}",
+                                   f"trainer.max_steps={args.pretrain_steps}", f"trainer.checkpoint_every={args.pretrain_steps}",
+                                   "optim.lr=3e-3", *QUIET]))
         assert summary["status"] == "succeeded", summary["error"]
         result["pretrain"] = {"steps": summary["steps"], "final_loss": summary["final_loss"],
                               "wall_s": round(time.time() - t, 1)}
     data = write_jsonl(reverse_words(args.rows, seed=7), out / "reverse.jsonl")
-    common = [f"model.init_from={Path(base).resolve()}", f"data.paths=[{data}]", f"strategy={args.strategy}",
+    common = [f"model={args.model}", f"model.init_from={Path(base).resolve()}", f"data.paths=[{data}]", f"strategy={args.strategy}",
               f"cluster.num_workers={args.workers}", *QUIET]
-    for name, steps in (("sft", args.sft_steps), ("lora", args.lora_steps)):
+    runs = {
+        "sft": (args.sft_steps, [f"optim.lr={args.sft_lr}"]),
+        "lora": (args.lora_steps, [f"optim.lr={args.lora_lr}", f"finetune.lora.rank={args.lora_rank}",
+                                   f"finetune.lora.target_modules=[{args.lora_targets}]"]),
+    }
+    for name, (steps, extra) in runs.items():
         job = compose([f"+experiment={name}", f"run.dir={out / name}", f"trainer.max_steps={steps}",
-                       f"trainer.eval_every={steps}", *common])
+                       f"trainer.eval_every={max(steps // 4, 1)}", *common, *extra])
         if "base" not in result:
-            result["base"] = base_exact_match(job)
+            result["base"] = evaluate_init(job)
         t = time.time()
         summary = run_job(job)
         assert summary["status"] == "succeeded", summary["error"]

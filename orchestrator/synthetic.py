@@ -9,11 +9,12 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def reverse_words(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[dict]:
-    """n prompt/response rows: "Reverse: c a t" -> "t a c". Letters are spaced so that a
-    byte-level BPE tokenizer gives one token per letter: the task is to reverse a sequence of
-    tokens, not to spell out merged pieces. A word never repeats a letter (each output letter then
-    has one place in the prompt), and no word appears twice, so a held-out row is never a
-    training row."""
+    """n prompt/response rows: "Reverse:\nc-a-t" -> "t-a-c". Dashes between the letters make a
+    byte-level BPE tokenizer give one token per letter, and the same token for a letter in the
+    prompt and in the answer (a space would glue itself to the letter after it, and not before
+    the first): the task is to reverse a sequence of tokens, not to spell out merged pieces. A
+    word never repeats a letter (each output letter then has one place in the prompt), and no
+    word appears twice, so a held-out row is never a training row."""
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n:
@@ -21,7 +22,7 @@ def reverse_words(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list
         if "".join(word) in seen:
             continue
         seen.add("".join(word))
-        rows.append({"prompt": f"Reverse: {' '.join(word)}", "response": " ".join(reversed(word))})
+        rows.append({"prompt": "Reverse:\n" + "-".join(word), "response": "-".join(reversed(word))})
     return rows
 
 

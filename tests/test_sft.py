@@ -41,7 +41,7 @@ def test_only_response_tokens_are_targets(sft_file, tmp_path, data_cache):
     assert tok.decode(trained[:-1]).strip() == row["response"]
     assert trained[-1] == data.eos_id
     prompt_part = tok.decode(x[0][: (y[0] != IGNORE).nonzero()[0, 0] + 1].tolist())
-    assert "Reverse: " in prompt_part and "<|assistant|>" in prompt_part
+    assert "Reverse:\n" in prompt_part and "<|assistant|>" in prompt_part
     # Padding after the EOS is never a target.
     assert (y[0][(y[0] == data.eos_id).nonzero()[0, 0] + 1:] == IGNORE).all()
 
