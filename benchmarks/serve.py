@@ -7,7 +7,10 @@ the threads) driven over HTTP by that many client threads, each sending one prom
 (b) transformers' LlamaForCausalLM.generate on the exported model, the prompts in batches of that
 size (left padding, its KV cache), in this process with the same threads. Greedy decoding, the same
 prompts and max_tokens. Tokens/s counts generated tokens; latency is per request (for generate,
-a request's latency is its batch's time). Prints one JSON line last.
+a request's latency is its batch's time). Then a weight sync: the model's full weights published
+to the running pool through Ray (what a training job with inference.sync_every does, replicas
+swapping them between decode steps) against a plain in-memory copy of the same tensors, median of
+--sync-rounds. Prints one JSON line last.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from orchestrator.config import SAMPLES_DIR
 from orchestrator.export import export
 from orchestrator.inference.client import Client
 from orchestrator.inference.config import compose
-from orchestrator.inference.server import Background, build
+from orchestrator.inference.replica import load_model
+from orchestrator.inference.server import Background, build, publish
 
 
 def prompts_from_corpus(n: int, chars: int = 48) -> list[str]:
@@ -80,6 +84,23 @@ def transformers_generate(model, tok, prompts: list[str], batch: int, max_tokens
             "tokens": tokens}
 
 
+def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
+    weights = {k: v.detach().clone() for k, v in load_model(checkpoint)[0].state_dict().items()
+               if not k.startswith("rope_")}
+    sync, copy = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        replicas = publish(pool, weights)
+        sync.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        copied = {k: v.clone() for k, v in weights.items()}
+        copy.append(time.perf_counter() - t)
+        del copied
+    return {"bytes": sum(v.numel() * v.element_size() for v in weights.values()), "replicas": replicas,
+            "sync_s": statistics.median(sync), "copy_s": statistics.median(copy),
+            "sync_over_copy": statistics.median(sync) / statistics.median(copy)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run directory of ours")
@@ -87,6 +108,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--sync-rounds", type=int, default=5)
     args = ap.parse_args()
     import transformers
 
@@ -113,6 +135,8 @@ def main() -> None:
             b = transformers_generate(hf, tok, prompts, c, args.max_tokens)
             results["levels"][c] = {"ours": a, "transformers": b, "tokens_per_s_ratio": a["tokens_per_s"] / b["tokens_per_s"]}
             print(json.dumps({"clients": c, **results["levels"][c]}), flush=True)
+        results["sync"] = sync_against_copy(cfg.inference.name, args.checkpoint, args.sync_rounds)
+        print(json.dumps({"sync": results["sync"]}), flush=True)
     finally:
         server.stop()
         ray.shutdown()
