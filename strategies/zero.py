@@ -151,11 +151,25 @@ def build_engine(cfg: Config, model, ctx) -> "ZeroEngine":
     return ZeroEngine(cfg, model, ctx)
 
 
+def skip_op_probe() -> None:
+    """DeepSpeed's torch backend, on creation, probes which of its C++ ops this machine can build
+    (compiler subprocesses) and JIT-compiles its shared-memory all-reduce, which only its
+    inference all-reduce uses: minutes of a 2-core machine's CPU in a fresh environment, for
+    nothing training calls. The probe's result is a module-level dict that DeepSpeed caches and
+    reads from there; an empty one marks no op as prebuilt or buildable."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}
+
+
 class ZeroEngine:
     """The Engine interface over a DeepSpeed engine."""
 
     def __init__(self, cfg: Config, model, ctx):
         import deepspeed
+
+        skip_op_probe()
 
         from orchestrator.optim import build_optimizer, build_scheduler
         from strategies.base import materialize
