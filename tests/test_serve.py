@@ -195,3 +195,38 @@ def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache
     for prompt in PROMPTS[:2]:
         assert client.complete(prompt, max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
             model, tok, eos, prompt, 16)
+
+
+def test_tensor_parallel_replica(source):
+    """inference.tp=2: one replica over two ranks (heads and MLP split, partial outputs
+    all-reduced) gives the plain model's greedy text, and takes a weight sync during traffic."""
+    with pytest.raises(ConfigError) as err:  # the tiny model: 4 heads, 2 KV heads, ffn_dim 172
+        compose([f"checkpoint={source}", "inference.tp=3"])
+    assert err.value.key == "inference.tp" and "n_heads=4" in err.value.message and "ffn_dim=172" in err.value.message
+    with pytest.raises(ConfigError, match="quantize"):
+        compose([f"checkpoint={source}", "inference.tp=2", "inference.quantize=int8"])
+
+    bg = Background(build(compose([f"checkpoint={source}", "inference.tp=2", "inference.name=tp", "inference.port=0",
+                                   "inference.block_size=8", "inference.kv_cache_tokens=512"])))
+    try:
+        model, tok, eos = load_model(str(source))
+        client = Client(bg.url)
+        with ThreadPoolExecutor(3) as ex:
+            got = list(ex.map(lambda p: client.complete(p, max_tokens=24, temperature=0)["choices"][0]["text"],
+                              PROMPTS[:3]))
+        assert got == [reference(model, tok, eos, p, 24) for p in PROMPTS[:3]]
+        a = client.complete(PROMPTS[1], max_tokens=16, temperature=1.0, seed=3)["choices"][0]["text"]
+        assert a == client.complete(PROMPTS[1], max_tokens=16, temperature=1.0, seed=3)["choices"][0]["text"]
+
+        new = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) if v.ndim == 2 else v
+               for k, v in model.state_dict().items()}
+        with ThreadPoolExecutor(2) as ex:  # requests in flight while the ranks swap weights
+            busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(2)]
+            bg.call(bg.server.pool.load_weights(new))
+            assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
+        model.load_state_dict(new)
+        for prompt in PROMPTS[:2]:
+            got = client.complete(prompt, max_tokens=24, temperature=0)["choices"][0]["text"]
+            assert got == reference(model, tok, eos, prompt, 24)
+    finally:
+        bg.stop()

@@ -29,7 +29,9 @@ class InferenceConfig:
     cpus_per_replica: int = 1
     request_timeout_s: float = 300.0
     quantize: str = "none"  # none | int8 (weight-only)
-    tp: int = 1  # tensor-parallel ranks per replica (only 1 for now)
+    # Tensor-parallel ranks per replica (each a Ray actor with cpus_per_replica CPUs, or a GPU):
+    # heads and the MLP split Megatron-style; must divide the model's heads, KV heads and ffn_dim.
+    tp: int = 1
 
 
 @dataclass
@@ -62,15 +64,24 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("inference.port", f"must be in [0, 65535], got {i.port}")
     if i.quantize not in ("none", "int8"):
         raise ConfigError("inference.quantize", f"{i.quantize!r} is not allowed; choose one of none, int8")
-    if i.tp != 1:
-        raise ConfigError("inference.tp", f"tensor-parallel replicas are not available yet; use 1, got {i.tp}")
+    if i.tp < 1:
+        raise ConfigError("inference.tp", f"must be >= 1, got {i.tp}")
+    if i.tp > 1 and i.quantize != "none":
+        raise ConfigError("inference.tp", f"tensor-parallel replicas run unquantized; set inference.quantize=none "
+                                          f"or inference.tp=1 (got quantize={i.quantize})")
     if not is_loopback(i.host) and not i.token:
         raise ConfigError("inference.token", f"binding to {i.host} (not loopback) needs a bearer token: set "
                                              "inference.token or FORGELINE_SERVE_TOKEN")
     pre = pretrained.locate(cfg.checkpoint)
     from orchestrator.inference.replica import model_shape
 
-    max_seq_len = model_shape(pre)["max_seq_len"]
+    shape = model_shape(pre)
+    if i.tp > 1:
+        bad = {k: shape[k] for k in ("n_heads", "n_kv_heads", "ffn_dim") if shape[k] % i.tp}
+        if bad:
+            raise ConfigError("inference.tp", f"must divide the model's {', '.join(f'{k}={v}' for k, v in bad.items())}"
+                                              f"; got {i.tp}")
+    max_seq_len = shape["max_seq_len"]
     if i.kv_cache_tokens < max_seq_len:
         raise ConfigError("inference.kv_cache_tokens", f"must hold at least one whole sequence "
                                                        f"(max_seq_len={max_seq_len}), got {i.kv_cache_tokens}")

@@ -82,7 +82,7 @@ class BlockPool:
 
 class GenerationEngine:
     def __init__(self, model: Llama, tokenizer, eos_id: int, block_size: int = 16, num_blocks: int = 512,
-                 max_batch: int = 32):
+                 max_batch: int = 32, tp: int = 1):
         a = model.args
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -91,7 +91,8 @@ class GenerationEngine:
         self.max_batch = max_batch
         self.max_seq_len = a.max_seq_len
         p = next(model.parameters())
-        shape = (a.n_layers, num_blocks, a.n_kv_heads, block_size, a.head_dim)
+        # A tensor-parallel rank holds its own KV heads only (see replica.shard_blocks).
+        shape = (a.n_layers, num_blocks, a.n_kv_heads // tp, block_size, a.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.pool = BlockPool(num_blocks)

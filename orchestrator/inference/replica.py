@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
 
@@ -50,14 +52,111 @@ def model_shape(pre) -> dict:
     return {k: a[k] for k in keys if k in a}
 
 
+def shard_blocks(model, tp_mesh) -> None:
+    """Megatron's split of every block over the tp ranks: q/k/v and gate/up column-parallel (each
+    rank holds whole heads and a slice of the MLP), the attention output and down projections
+    row-parallel (their outputs all-reduced). The embedding, norms and output layer stay whole on
+    every rank, so all ranks compute the same logits and sample the same tokens."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(), "mlp.w_gate": ColwiseParallel(), "mlp.w_up": ColwiseParallel(),
+            "mlp.w_down": RowwiseParallel()}
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, plan)
+
+
+def build_engine(checkpoint: str, options: dict, threads: int, rank: int = 0,
+                 rendezvous: tuple[str, int] | None = None):
+    """(engine, tokenizer) of one replica rank. With options["tp"] > 1 the rank joins the
+    replica's process group at ``rendezvous`` (blocking until every rank has) and keeps its
+    slice of the blocks and of the KV cache."""
+    torch.set_num_threads(max(1, threads))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tp = options.get("tp", 1)
+    model, tokenizer, eos = load_model(checkpoint, device, options.get("quantize", "none"))
+    if tp > 1:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        addr, port = rendezvous
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
+                                rank=rank, world_size=tp, timeout=timedelta(seconds=options.get("tp_timeout_s", 120)))
+        shard_blocks(model, init_device_mesh(device, (tp,)))
+    engine = GenerationEngine(model, tokenizer, eos, block_size=options["block_size"],
+                              num_blocks=options["kv_cache_tokens"] // options["block_size"],
+                              max_batch=options["max_batch"], tp=tp)
+    return engine, tokenizer
+
+
+def load_into(model, weights: dict) -> None:
+    """Copies full weights (our names) into the model's parameters, each rank keeping its slice
+    of a tensor-parallel parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in weights:
+                continue
+            w = weights[name].to(p.device, p.dtype)
+            if isinstance(p, DTensor):
+                # Every rank has the full tensor: each keeps its slice, no communication.
+                local = distribute_tensor(w, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(local)
+            else:
+                p.copy_(w)
+
+
+def apply(engine: GenerationEngine, adds: list[dict], cancels: list[str]) -> None:
+    for request in adds:
+        engine.add(Request(**request))
+    for rid in cancels:
+        engine.cancel(rid)
+
+
+class Shard:
+    """Rank > 0 of a tensor-parallel replica: its slice of the model and of the KV cache. It runs
+    the engine steps its leader sends, with the same requests in the same order, so that every
+    rank schedules the same sequences and meets the leader in each step's all-reduces."""
+
+    def __init__(self, checkpoint: str, options: dict, threads: int, rank: int):
+        self.args = (checkpoint, options, threads, rank)
+        self.engine = None
+
+    def join(self, addr: str, port: int) -> int:
+        checkpoint, options, threads, rank = self.args
+        self.engine, _ = build_engine(checkpoint, options, threads, rank, (addr, port))
+        return os.getpid()
+
+    def step(self, adds: list[dict], cancels: list[str]) -> None:
+        apply(self.engine, adds, cancels)
+        self.engine.step()
+
+    def load_weights(self, weights: dict) -> None:
+        load_into(self.engine.model, weights)
+
+
 class Replica:
     def __init__(self, checkpoint: str, options: dict, threads: int = 1):
-        torch.set_num_threads(max(1, threads))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, self.tokenizer, eos = load_model(checkpoint, device, options.get("quantize", "none"))
-        self.engine = GenerationEngine(model, self.tokenizer, eos, block_size=options["block_size"],
-                                       num_blocks=options["kv_cache_tokens"] // options["block_size"],
-                                       max_batch=options["max_batch"])
+        self.shards: list = []
+        rendezvous = None
+        tp = options.get("tp", 1)
+        if tp > 1:  # ranks 1.. are actors of their own, owned by this one (they die with it)
+            import ray
+
+            from orchestrator.worker import free_port
+
+            rendezvous = (ray.util.get_node_ip_address(), free_port())
+            gpus = 1 if torch.cuda.is_available() else 0
+            shard_cls = ray.remote(Shard)
+            self.shards = [shard_cls.options(num_cpus=threads, num_gpus=gpus).remote(checkpoint, options, threads, r)
+                           for r in range(1, tp)]
+            joined = [s.join.remote(*rendezvous) for s in self.shards]
+        self.engine, self.tokenizer = build_engine(checkpoint, options, threads, 0, rendezvous)
+        if self.shards:
+            ray.get(joined)
+        self.adds: list[dict] = []  # requests and cancellations for the next step, on every rank
+        self.cancels: list[str] = []
         self.queues: dict[str, asyncio.Queue] = {}
         self.wake: asyncio.Event | None = None
         self.loop: asyncio.Task | None = None
@@ -68,10 +167,22 @@ class Replica:
 
     async def _run(self) -> None:
         while True:
-            if not self.engine.busy:
+            if not (self.engine.busy or self.adds or self.cancels):
                 self.wake.clear()
                 await self.wake.wait()
-            for event in self.engine.step():
+            adds, cancels, self.adds, self.cancels = self.adds, self.cancels, [], []
+            try:
+                followers = [s.step.remote(adds, cancels) for s in self.shards]
+                apply(self.engine, adds, cancels)
+                events = self.engine.step()
+                if followers:
+                    await asyncio.gather(*followers)
+            except Exception:  # a broken engine or a lost rank: die, and the pool replaces this replica
+                import traceback
+
+                traceback.print_exc()
+                os._exit(1)
+            for event in events:
                 queue = self.queues.get(event.id)
                 if queue is not None:
                     queue.put_nowait(event)
@@ -87,9 +198,11 @@ class Replica:
         """Streams the request's events (dicts) until it finishes."""
         self._ensure_loop()
         rid = request["id"]
+        if request.get("seed") is None:  # drawn here, so that every tensor-parallel rank samples alike
+            request = {**request, "seed": random.randrange(2**63)}
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[rid] = queue
-        self.engine.add(Request(**request))
+        self.adds.append(request)
         self.wake.set()
         finished = False
         try:
@@ -100,7 +213,8 @@ class Replica:
         finally:
             self.queues.pop(rid, None)
             if not finished:
-                self.engine.cancel(rid)
+                self.cancels.append(rid)
+                self.wake.set()
 
     async def complete(self, request: dict) -> dict:
         """The whole request at once (one Ray round trip rather than one per token): an event
@@ -120,10 +234,12 @@ class Replica:
         if any(isinstance(m, Int8Linear) for m in model.modules()):
             # The int8 layers hold no parameters of those names: a sync would keep the old weights.
             raise ValueError("weight sync into an int8-quantized replica is not supported")
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in weights:
-                    p.copy_(weights[name].to(p.device, p.dtype))
+        # The shards take them after the steps already sent to them and before the next; this rank
+        # takes them now, with no await before, so that no step of ours runs in between.
+        taken = [s.load_weights.remote(weights) for s in self.shards]
+        load_into(model, weights)
+        if taken:
+            await asyncio.gather(*taken)
         return self.steps
 
     def stats(self) -> dict:

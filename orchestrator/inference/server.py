@@ -62,7 +62,7 @@ class Pool:
     def _spawn(self, index: int) -> Slot:
         i = self.cfg.inference
         options = {k: v for k, v in asdict(i).items() if k in ("block_size", "kv_cache_tokens", "max_batch",
-                                                                  "quantize")}
+                                                                  "quantize", "tp")}
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.spawned += 1
         handle = self.actor_cls.options(num_cpus=i.cpus_per_replica, num_gpus=gpus, max_concurrency=1000,
