@@ -10,7 +10,10 @@ prompts and max_tokens. Tokens/s counts generated tokens; latency is per request
 a request's latency is its batch's time). Then a weight sync: the model's full weights published
 to the running pool through Ray (what a training job with inference.sync_every does, replicas
 swapping them between decode steps) against a plain in-memory copy of the same tensors, median of
---sync-rounds. Prints one JSON line last.
+--sync-rounds. Last, the machine's ceiling at the largest client count: the time of one decode
+step's linear layers alone (projections, MLP, output; no attention, cache, sampling or serving)
+for that many sequences, as tokens/s, and its ratio to transformers' measured tokens/s: no engine
+can beat that ratio on this machine. Prints one JSON line last.
 """
 from __future__ import annotations
 
@@ -101,6 +104,31 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
             "sync_over_copy": statistics.median(sync) / statistics.median(copy)}
 
 
+def linear_ceiling(checkpoint: str, batch: int, rounds: int = 50) -> dict:
+    """Tokens/s if a decode step of ``batch`` sequences cost only its linear layers."""
+    model = load_model(checkpoint)[0]
+    x = torch.randn(batch, 1, model.args.dim)
+
+    def step() -> torch.Tensor:
+        h = x
+        for layer in model.layers.values():
+            a = layer.attn
+            n = layer.attn_norm(h)
+            a.wk(n), a.wv(n)
+            h = h + a.wo(a.wq(n))
+            h = h + layer.mlp(layer.mlp_norm(h))
+        return model.output(model.norm(h))
+
+    with torch.no_grad():
+        for _ in range(5):
+            step()
+        t = time.perf_counter()
+        for _ in range(rounds):
+            step()
+    step_s = (time.perf_counter() - t) / rounds
+    return {"batch": batch, "step_s": step_s, "tokens_per_s": batch / step_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run directory of ours")
@@ -142,6 +170,9 @@ def main() -> None:
         ray.shutdown()
     top = results["levels"][max(levels)]
     results["tokens_per_s_ratio_at_max_clients"] = top["tokens_per_s_ratio"]
+    ceiling = linear_ceiling(args.checkpoint, max(levels))
+    results["linear_ceiling"] = {**ceiling, "ratio_to_transformers":
+                                 ceiling["tokens_per_s"] / top["transformers"]["tokens_per_s"]}
     print(json.dumps(results))
 
 
