@@ -6,9 +6,9 @@ takes a new block only when it crosses into one, so memory follows the tokens ac
 the longest possible sequence. When the pool runs dry, the newest running sequence is preempted:
 its blocks are freed and it waits to be recomputed from its tokens (prompt and output so far).
 
-Batching: each ``step`` first admits waiting requests while blocks and batch slots allow (a
-prefill of the whole prompt, which yields the first token), then runs one decode step over every
-running sequence together, each attending over its own blocks. Finished sequences leave at
+Batching: each ``step`` first admits waiting requests while blocks and batch slots allow (one
+prefill of all their prompts together, which yields their first tokens), then runs one decode
+step over every running sequence together, each attending over its own blocks. Finished sequences leave at
 once; new ones join at the next step.
 
 The model's own modules (norms, projections, SwiGLU, output) do the arithmetic; only attention
@@ -137,6 +137,7 @@ class GenerationEngine:
         return events
 
     def _admit(self, events: list[Event]) -> None:
+        admitted = []
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             need = self.blocks_for(len(seq.tokens) + 1)
@@ -144,9 +145,11 @@ class GenerationEngine:
                 break  # memory scheduling: wait for blocks to come free
             self.waiting.popleft()
             seq.blocks = self.pool.take(need)
-            logits = self._prefill(seq)
             self.running.append(seq)
-            events.append(self._append(seq, self._sample(seq, logits)))
+            admitted.append(seq)
+        if admitted:  # one prefill for all of them
+            for seq, logits in zip(admitted, self._prefill(admitted)):
+                events.append(self._append(seq, self._sample(seq, logits)))
 
     def _reserve(self, decoding: list[Sequence]) -> list[Sequence]:
         """A block for each sequence whose next token starts one; preempts the newest when short."""
@@ -218,27 +221,32 @@ class GenerationEngine:
         v = attn.wv(h).view(b, t, -1, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _prefill(self, seq: Sequence) -> torch.Tensor:
-        """Runs all of the sequence's tokens, fills its blocks; the logits after its last token."""
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Runs all tokens of the sequences as one batch (right-padded: under the causal mask no
+        real token sees the padding), fills their blocks; the logits after each one's last token."""
         m = self.model
-        n = len(seq.tokens)
-        ids = torch.tensor([seq.tokens], device=self.k.device)
-        cos, sin = m.rope_cos[:n], m.rope_sin[:n]
-        blocks = torch.tensor(seq.blocks[: self.blocks_for(n)], device=self.k.device)
-        pad = len(blocks) * self.block_size - n
+        dev = self.k.device
+        lengths = torch.tensor([len(s.tokens) for s in seqs], device=dev)
+        t = int(lengths.max())
+        ids = torch.tensor([s.tokens + [0] * (t - len(s.tokens)) for s in seqs], device=dev)
+        width = max(len(s.blocks) for s in seqs)
+        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=dev)
+        # The cache slot of every real token: (row, position) -> (block, offset).
+        rows, pos = (torch.arange(t, device=dev)[None, :] < lengths[:, None]).nonzero(as_tuple=True)
+        block_of, offset = table[rows, pos // self.block_size], pos % self.block_size
+        cos, sin = m.rope_cos[:t], m.rope_sin[:t]
         h = m.tok_embeddings(ids)
         for i, layer in enumerate(m.layers.values()):
-            x = layer.attn_norm(h)
-            q, k, v = self._qkv(layer.attn, x, cos, sin)
-            for cache, new in ((self.k, k), (self.v, v)):
-                slots = F.pad(new[0], (0, 0, 0, pad))  # (kv heads, blocks * block_size, head_dim)
-                slots = slots.view(new.shape[1], len(blocks), self.block_size, -1).transpose(0, 1)
-                cache[i, blocks] = slots
+            q, k, v = self._qkv(layer.attn, layer.attn_norm(h), cos, sin)  # (batch, heads, t, head_dim)
+            self.k[i][block_of, :, offset] = k[rows, :, pos]
+            self.v[i][block_of, :, offset] = v[rows, :, pos]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-            h = h + layer.attn.wo(out.transpose(1, 2).reshape(1, n, -1))
+            h = h + layer.attn.wo(out.transpose(1, 2).reshape(len(seqs), t, -1))
             h = h + layer.mlp(layer.mlp_norm(h))
-        seq.cached = n
-        return m.output(m.norm(h[:, -1]))[0]
+        for s in seqs:
+            s.cached = len(s.tokens)
+        last = h[torch.arange(len(seqs), device=dev), lengths - 1]
+        return m.output(m.norm(last))
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token for each sequence, attending over its blocks; logits (S, vocab)."""
