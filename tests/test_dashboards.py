@@ -109,7 +109,7 @@ def test_multirun_writes_a_comparison(tmp_path, data_cache):
          "model=tiny", "trainer.max_steps=3", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
          "trainer.sample_tokens=0", "logging.wandb.mode=disabled", "logging.progress=false",
          f"data.cache_dir={data_cache}", f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=540)  # two jobs, each its own Ray cluster
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     table = (sweep / "comparison.md").read_text().splitlines()
     assert table[0].startswith("| job | overrides | strategy")
