@@ -66,18 +66,24 @@ def stage_module(model: Llama, layout: Layout, stage: int) -> Llama:
     return chunk
 
 
+def block_plan(output_layout=None) -> dict:
+    """One block's Megatron split: q/k/v and gate/up by columns (each rank holds whole heads and a
+    slice of the MLP), the attention output and down projections by rows, their partial outputs
+    reduced to ``output_layout`` (default replicated)."""
+    out = output_layout or Replicate()
+    return {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=out),
+            "mlp.w_gate": ColwiseParallel(), "mlp.w_up": ColwiseParallel(),
+            "mlp.w_down": RowwiseParallel(output_layouts=out)}
+
+
 def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Megatron's layout. Without sequence parallel, activations between blocks are replicated
     over the tp ranks; with it, they are sharded along the sequence (dim 1) and the norms run
     on sequence shards."""
     seq = Shard(1) if sequence_parallel else Replicate()
     for block in model.layers.values():
-        plan = {
-            "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
-            "attn.wo": RowwiseParallel(output_layouts=seq),
-            "mlp.w_gate": ColwiseParallel(), "mlp.w_up": ColwiseParallel(),
-            "mlp.w_down": RowwiseParallel(output_layouts=seq),
-        }
+        plan = block_plan(seq)
         if sequence_parallel:
             plan.update({
                 "attn_norm": SequenceParallel(),

@@ -53,17 +53,15 @@ def model_shape(pre) -> dict:
 
 
 def shard_blocks(model, tp_mesh) -> None:
-    """Megatron's split of every block over the tp ranks: q/k/v and gate/up column-parallel (each
-    rank holds whole heads and a slice of the MLP), the attention output and down projections
-    row-parallel (their outputs all-reduced). The embedding, norms and output layer stay whole on
-    every rank, so all ranks compute the same logits and sample the same tokens."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    """The training tensor-parallel split of every block (strategies.mesh.block_plan), outputs
+    replicated. The embedding, norms and output layer stay whole on every rank, so all ranks
+    compute the same logits and sample the same tokens."""
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
-            "attn.wo": RowwiseParallel(), "mlp.w_gate": ColwiseParallel(), "mlp.w_up": ColwiseParallel(),
-            "mlp.w_down": RowwiseParallel()}
+    from strategies.mesh import block_plan
+
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, plan)
+        parallelize_module(block, tp_mesh, block_plan())
 
 
 def build_engine(checkpoint: str, options: dict, threads: int, rank: int = 0,
