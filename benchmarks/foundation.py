@@ -1,17 +1,20 @@
 """Orchestrator vs. bare torchrun (tokens/s) and vs. Ray Train (time to first step).
 
-    python benchmarks/foundation.py [--steps 30] [--rounds 2] [--model small]
+    python benchmarks/foundation.py [--steps 30] [--rounds 3] [--ttfs-rounds 5] [--model small]
 
 Runs, on the same model, batch, data and steps:
   (a) python -m launch.train with strategy=ddp on 2 workers (an embedded Ray cluster,
       default logging: progress bar and an offline wandb run),
   (b) benchmarks/torchrun_ddp.py under torchrun --nproc_per_node=2,
   (c) benchmarks/ray_train_ttfs.py: the same training function under Ray Train's TorchTrainer.
-(a) and (b) alternate for --rounds rounds; a run's figure is its median tokens/s after 2
-warm-up steps, and the tokens/s ratio is the median over rounds of (a)/(b) within a round
-(adjacent runs see the same machine: on a shared 2-core machine speed drifts over minutes). Time to first step runs from the command's process
-start to the end of step 1, for (a) and (c) alike, each in a fresh process with a fresh
-cluster. The last line printed is one JSON object with the ratios.
+Tokens/s: (a) and (b) alternate for --rounds rounds; a run's figure is its median tokens/s after
+2 warm-up steps, and the ratio is the median over rounds of (a)/(b) within a round (adjacent runs
+see the same machine: on a shared 2-core machine speed drifts over minutes).
+Time to first step: (a) and (c) alternate for --ttfs-rounds rounds, each a fresh process with a
+fresh cluster running 3 steps; time runs from the command's process start (read from /proc to the
+clock tick, the same clock for both) to the end of step 1 on rank 0. The ratio is the median over
+rounds of (a)/(c) within a round; the medians of each side are printed too.
+The last line printed is one JSON object with the ratios.
 """
 from __future__ import annotations
 
@@ -43,9 +46,9 @@ def steady_median(values: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="small")
-    ap.add_argument("--ttfs-rounds", type=int, default=2)
+    ap.add_argument("--ttfs-rounds", type=int, default=5)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-foundation-"))
@@ -64,9 +67,7 @@ def main() -> None:
         run([py, "-m", "launch.train", *job, f"run.dir={run_dir}", "logging.progress=false"])
         summary = json.loads((run_dir / "summary.json").read_text())
         ours_tps.append(summary["tokens_per_s"])
-        ours_ttfs.append(summary["time_to_first_step_s"])
-        print(f"round {r}: orchestrator tokens/s {summary['tokens_per_s']:.0f}, "
-              f"time to first step {summary['time_to_first_step_s']:.1f}s", flush=True)
+        print(f"round {r}: orchestrator tokens/s {summary['tokens_per_s']:.0f}", flush=True)
 
         out = work / f"torchrun-{r}.json"
         run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -76,13 +77,18 @@ def main() -> None:
         base_tps.append(tps)
         print(f"round {r}: torchrun tokens/s {tps:.0f}", flush=True)
 
+    short = [a for a in job if not a.startswith("trainer.max_steps=")] + ["trainer.max_steps=3"]
     for r in range(args.ttfs_rounds):
+        run_dir = work / f"ttfs-ours-{r}"
+        run([py, "-m", "launch.train", *short, f"run.dir={run_dir}", "logging.progress=false"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        ours_ttfs.append(summary["time_to_first_step_s"])
         out = work / f"raytrain-{r}.json"
-        run([py, str(ROOT / "benchmarks" / "ray_train_ttfs.py"), str(out), "3", *job,
+        run([py, str(ROOT / "benchmarks" / "ray_train_ttfs.py"), str(out), "3", *short,
              f"run.dir={work / 'unused'}"])
-        ttfs = json.loads(out.read_text())["time_to_first_step_s"]
-        ray_ttfs.append(ttfs)
-        print(f"round {r}: Ray Train time to first step {ttfs:.1f}s", flush=True)
+        ray_ttfs.append(json.loads(out.read_text())["time_to_first_step_s"])
+        print(f"round {r}: time to first step: orchestrator {ours_ttfs[-1]:.2f}s (phases {summary['startup_s']}), "
+              f"Ray Train {ray_ttfs[-1]:.2f}s", flush=True)
 
     result = {
         "model": args.model, "steps": args.steps, "rounds": args.rounds, "cpu_count": os.cpu_count(),
@@ -95,7 +101,10 @@ def main() -> None:
     result["tokens_per_s_ratio"] = statistics.median(result["tokens_per_s_ratio_per_round"])
     result["time_to_first_step_s_ours_runs"] = ours_ttfs
     result["time_to_first_step_s_ray_train_runs"] = ray_ttfs
-    result["time_to_first_step_ratio"] = result["time_to_first_step_s_ours"] / result["time_to_first_step_s_ray_train"]
+    result["time_to_first_step_ratio_per_round"] = [a / b for a, b in zip(ours_ttfs, ray_ttfs)]
+    result["time_to_first_step_ratio"] = statistics.median(result["time_to_first_step_ratio_per_round"])
+    result["time_to_first_step_ratio_of_medians"] = (result["time_to_first_step_s_ours"]
+                                                     / result["time_to_first_step_s_ray_train"])
     print(json.dumps(result))
 
 

@@ -9,10 +9,10 @@ import os
 import sys
 import tempfile
 
-import psutil
-
-START = psutil.Process().create_time()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from orchestrator.job import process_start_time  # noqa: E402  (the same clock as our summary's)
+
+START = process_start_time()
 
 
 def train_func(config: dict) -> None:

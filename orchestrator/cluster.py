@@ -9,8 +9,13 @@ from orchestrator.errors import ConfigError
 
 # Modules the embedded cluster's worker processes import as soon as Ray starts
 # them, while the driver is still connecting: torch alone takes seconds, and
-# DistributedDataParallel pulls in torch._dynamo.
+# DistributedDataParallel and torch's optimizers pull in torch._dynamo.
 WORKER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "orchestrator.trainer"]
+
+# The embedded cluster's raylet starts its idle worker processes (one per logical CPU) as soon as
+# it is up, instead of when the driver registers: about a second earlier, and those workers spend
+# the wait importing WORKER_PRELOAD. Our actors then take them over.
+EMBEDDED_SYSTEM_CONFIG = {"preload_python_modules": WORKER_PRELOAD, "enable_worker_prestart": True}
 
 
 @contextlib.contextmanager
@@ -34,7 +39,7 @@ def connect(cfg: ClusterConfig):
             include_dashboard=cfg.include_dashboard,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
-            _system_config={"preload_python_modules": WORKER_PRELOAD},
+            _system_config=EMBEDDED_SYSTEM_CONFIG,
             log_to_driver=True,
         )
     try:

@@ -150,3 +150,21 @@ def test_a_hang_is_detected_by_the_step_timeout(job):
     summary = ctl.run()
     assert summary["status"] == "failed" and "trainer.step_timeout_s" in summary["error"]
     assert log[-1][0] == "shutdown"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_process_start_time_is_the_launch_to_the_clock_tick():
+    """Time to first step counts from the command's start: the start must not read early
+    (psutil's create_time is off by the boot time's dropped fraction of a second)."""
+    import subprocess
+    import sys
+
+    code = "from orchestrator.job import process_start_time; print(repr(process_start_time()))"
+    for _ in range(3):
+        before = time.time()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        started = float(out.stdout)
+        # Not before the launch (one clock tick of rounding), and well before the child's
+        # imports could finish.
+        assert before - 0.02 <= started <= before + 0.2
