@@ -7,6 +7,7 @@ Runs, on the same model, batch, data and steps:
       default logging: progress bar and an offline wandb run),
   (b) benchmarks/torchrun_ddp.py under torchrun --nproc_per_node=2,
   (c) benchmarks/ray_train_ttfs.py: the same training function under Ray Train's TorchTrainer.
+Each round runs both contenders of a pair, in alternating order (ours first in even rounds).
 Tokens/s: (a) and (b) alternate for --rounds rounds; a run's figure is its median tokens/s after
 2 warm-up steps, and the ratio is the median over rounds of (a)/(b) within a round (adjacent runs
 see the same machine: on a shared 2-core machine speed drifts over minutes).
@@ -43,6 +44,16 @@ def steady_median(values: list[float]) -> float:
     return statistics.median(values[WARMUP:] if len(values) > WARMUP else values)
 
 
+def paired(round_index: int, ours, baseline) -> tuple:
+    """Runs both contenders of a round, ours first in even rounds and the baseline first in odd
+    ones, so that neither always runs right after the other's start-up or teardown."""
+    if round_index % 2:
+        b = baseline()
+        return ours(), b
+    a = ours()
+    return a, baseline()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
@@ -61,34 +72,36 @@ def main() -> None:
     run([py, "-c", f"from orchestrator.config import compose; from orchestrator.data import prepare; "
                    f"j = compose({job + ['run.dir=' + str(work / 'warm')]!r}); prepare(j.data, j.model.vocab_size)"])
 
-    ours_tps, base_tps, ours_ttfs, ray_ttfs = [], [], [], []
-    for r in range(args.rounds):
-        run_dir = work / f"ours-{r}"
-        run([py, "-m", "launch.train", *job, f"run.dir={run_dir}", "logging.progress=false"])
-        summary = json.loads((run_dir / "summary.json").read_text())
-        ours_tps.append(summary["tokens_per_s"])
-        print(f"round {r}: orchestrator tokens/s {summary['tokens_per_s']:.0f}", flush=True)
+    def ours(overrides: list[str], run_dir: Path) -> dict:
+        run([py, "-m", "launch.train", *overrides, f"run.dir={run_dir}", "logging.progress=false"])
+        return json.loads((run_dir / "summary.json").read_text())
 
-        out = work / f"torchrun-{r}.json"
+    def torchrun(out: Path) -> float:
         run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              str(ROOT / "benchmarks" / "torchrun_ddp.py"), str(out), str(args.steps), *job,
              f"run.dir={work / 'unused'}"])
-        tps = steady_median(json.loads(out.read_text())["tokens_per_s"])
+        return steady_median(json.loads(out.read_text())["tokens_per_s"])
+
+    def ray_train(overrides: list[str], out: Path) -> float:
+        run([py, str(ROOT / "benchmarks" / "ray_train_ttfs.py"), str(out), "3", *overrides,
+             f"run.dir={work / 'unused'}"])
+        return json.loads(out.read_text())["time_to_first_step_s"]
+
+    ours_tps, base_tps, ours_ttfs, ray_ttfs = [], [], [], []
+    for r in range(args.rounds):
+        summary, tps = paired(r, lambda: ours(job, work / f"ours-{r}"), lambda: torchrun(work / f"torchrun-{r}.json"))
+        ours_tps.append(summary["tokens_per_s"])
         base_tps.append(tps)
-        print(f"round {r}: torchrun tokens/s {tps:.0f}", flush=True)
+        print(f"round {r}: tokens/s orchestrator {ours_tps[-1]:.0f}, torchrun {tps:.0f}", flush=True)
 
     short = [a for a in job if not a.startswith("trainer.max_steps=")] + ["trainer.max_steps=3"]
     for r in range(args.ttfs_rounds):
-        run_dir = work / f"ttfs-ours-{r}"
-        run([py, "-m", "launch.train", *short, f"run.dir={run_dir}", "logging.progress=false"])
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary, ttfs = paired(r, lambda: ours(short, work / f"ttfs-ours-{r}"),
+                               lambda: ray_train(short, work / f"raytrain-{r}.json"))
         ours_ttfs.append(summary["time_to_first_step_s"])
-        out = work / f"raytrain-{r}.json"
-        run([py, str(ROOT / "benchmarks" / "ray_train_ttfs.py"), str(out), "3", *short,
-             f"run.dir={work / 'unused'}"])
-        ray_ttfs.append(json.loads(out.read_text())["time_to_first_step_s"])
+        ray_ttfs.append(ttfs)
         print(f"round {r}: time to first step: orchestrator {ours_ttfs[-1]:.2f}s (phases {summary['startup_s']}), "
-              f"Ray Train {ray_ttfs[-1]:.2f}s", flush=True)
+              f"Ray Train {ttfs:.2f}s", flush=True)
 
     result = {
         "model": args.model, "steps": args.steps, "rounds": args.rounds, "cpu_count": os.cpu_count(),

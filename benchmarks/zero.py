@@ -3,7 +3,7 @@ and overlap_comm on vs. off.
 
     python benchmarks/zero.py [--steps 20] [--model small] [--stages 1 2 3] [--rounds 1]
 
-For each stage, one round runs (a) python -m launch.train strategy=zeroN on 2 workers and
+For each stage, one round runs (in alternating order, ours first in even rounds) (a) python -m launch.train strategy=zeroN on 2 workers and
 (b) benchmarks/deepspeed_direct.py under `deepspeed --num_gpus 2`, given the DeepSpeed
 config that (a) builds (strategies.zero.deepspeed_config), on the same model, batch, data,
 optimizer and steps. A run's figure is its median tokens/s after 2 warm-up steps; the ratio
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.foundation import ROOT, run, steady_median  # noqa: E402
+from benchmarks.foundation import ROOT, paired, run, steady_median  # noqa: E402
 
 
 def ours(py: str, job: list[str], run_dir: Path) -> float:
@@ -58,8 +58,8 @@ def main() -> None:
         job = base + [f"strategy=zero{stage}"]
         pairs = []
         for r in range(args.rounds):
-            a = ours(py, job, work / f"ours-{stage}-{r}")
-            b = direct(py, job, work, f"direct-{stage}-{r}", args.steps)
+            a, b = paired(r, lambda: ours(py, job, work / f"ours-{stage}-{r}"),
+                          lambda: direct(py, job, work, f"direct-{stage}-{r}", args.steps))
             pairs.append((a, b))
             print(f"zero{stage} round {r}: orchestrator {a:.0f} tokens/s, deepspeed launcher {b:.0f} tokens/s", flush=True)
         result["stages"][f"zero{stage}"] = {
