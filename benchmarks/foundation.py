@@ -105,19 +105,22 @@ def main() -> None:
 
     result = {
         "model": args.model, "steps": args.steps, "rounds": args.rounds, "cpu_count": os.cpu_count(),
-        "tokens_per_s_ours": statistics.median(ours_tps), "tokens_per_s_torchrun": statistics.median(base_tps),
-        "time_to_first_step_s_ours": statistics.median(ours_ttfs),
-        "time_to_first_step_s_ray_train": statistics.median(ray_ttfs),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    result["tokens_per_s_ratio_per_round"] = [a / b for a, b in zip(ours_tps, base_tps)]
-    result["tokens_per_s_ratio"] = statistics.median(result["tokens_per_s_ratio_per_round"])
-    result["time_to_first_step_s_ours_runs"] = ours_ttfs
-    result["time_to_first_step_s_ray_train_runs"] = ray_ttfs
-    result["time_to_first_step_ratio_per_round"] = [a / b for a, b in zip(ours_ttfs, ray_ttfs)]
-    result["time_to_first_step_ratio"] = statistics.median(result["time_to_first_step_ratio_per_round"])
-    result["time_to_first_step_ratio_of_medians"] = (result["time_to_first_step_s_ours"]
-                                                     / result["time_to_first_step_s_ray_train"])
+    if ours_tps:
+        result["tokens_per_s_ours"] = statistics.median(ours_tps)
+        result["tokens_per_s_torchrun"] = statistics.median(base_tps)
+        result["tokens_per_s_ratio_per_round"] = [a / b for a, b in zip(ours_tps, base_tps)]
+        result["tokens_per_s_ratio"] = statistics.median(result["tokens_per_s_ratio_per_round"])
+    if ours_ttfs:
+        result["time_to_first_step_s_ours"] = statistics.median(ours_ttfs)
+        result["time_to_first_step_s_ray_train"] = statistics.median(ray_ttfs)
+        result["time_to_first_step_s_ours_runs"] = ours_ttfs
+        result["time_to_first_step_s_ray_train_runs"] = ray_ttfs
+        result["time_to_first_step_ratio_per_round"] = [a / b for a, b in zip(ours_ttfs, ray_ttfs)]
+        result["time_to_first_step_ratio"] = statistics.median(result["time_to_first_step_ratio_per_round"])
+        result["time_to_first_step_ratio_of_medians"] = (result["time_to_first_step_s_ours"]
+                                                         / result["time_to_first_step_s_ray_train"])
     print(json.dumps(result))
 
 
