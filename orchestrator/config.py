@@ -109,6 +109,11 @@ class ClusterConfig:
     num_cpus: int = 0
     include_dashboard: bool = False
     start_timeout_s: float = 120.0
+    # CPU ranks only: pin each rank's process to cpus_per_worker cores of its own on its node, so
+    # that two ranks never share a core while another sits idle. null (auto): on an embedded
+    # cluster, whose machine the job owns; true: on any cluster; false: never. Skipped on a node
+    # whose cores do not go round.
+    bind_cores: Optional[bool] = None
 
 
 @dataclass

@@ -313,6 +313,7 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "wall_s": end - command_start,
         "peak_rss_bytes_per_rank": [o["peak_rss_bytes"] for o in outcomes],
         "node_per_rank": [o.get("node_id") for o in outcomes],
+        "cores_per_rank": [o.get("cores") for o in outcomes],
         "memory": memory_summary([o["memory"] for o in outcomes]),
         "eval": last_eval(history),
         "restarts": restarts,

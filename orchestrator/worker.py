@@ -23,10 +23,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bind_cores(local_rank: int, local_world: int, per_rank: int) -> list[int] | None:
+    """Pins this process, every thread of it, to cores of its own: local rank i takes the i-th
+    group of ``per_rank`` of the cores it may run on (threads started later inherit it). Returns
+    the cores, or None (nothing pinned) where they do not go round or the OS has no affinity."""
+    if not (hasattr(os, "sched_getaffinity") and os.path.isdir("/proc/self/task")):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < local_world * per_rank:
+        return None
+    mine = set(allowed[local_rank * per_rank:(local_rank + 1) * per_rank])
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), mine)
+        except OSError:  # a thread that has just ended
+            pass
+    return sorted(os.sched_getaffinity(0))
+
+
 class TrainWorker:
     def __init__(self, rank: int, world_size: int, threads: int):
         self.rank = rank
         self.world_size = world_size
+        self.threads = threads
         import torch
 
         torch.set_num_threads(threads)
@@ -34,6 +53,7 @@ class TrainWorker:
         self._metrics: list[dict] = []
         self.trainer = None
         self.tokenizer_path = ""
+        self.cores: list[int] | None = None
 
     def __repr__(self) -> str:  # shown by Ray's logs and dashboard
         return f"TrainWorker(rank={self.rank})"
@@ -43,8 +63,15 @@ class TrainWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None, master_addr: str, master_port: int,
-              device_type: str, timeout_s: float) -> int:
+              device_type: str, timeout_s: float, local: tuple[int, int] | None = None) -> int:
+        """``local``: (this rank's index among the job's ranks on its node, their number), given
+        when the rank's process is to be bound to cores of its own (CPU ranks only)."""
         import torch
         import torch.distributed as dist
 
@@ -57,6 +84,8 @@ class TrainWorker:
         else:
             device = torch.device("cpu")
             backend = "gloo"
+            if local is not None:
+                self.cores = bind_cores(*local, self.threads)
         # Also at world size 1: DeepSpeed expects a process group. The variables are the
         # torch.distributed convention, for libraries that read them.
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
@@ -82,7 +111,7 @@ class TrainWorker:
     def train(self) -> dict:
         import ray
 
-        return {**asdict(self.trainer.run()), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**asdict(self.trainer.run()), "node_id": ray.get_runtime_context().get_node_id(), "cores": self.cores}
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         return self.trainer.sample(self.tokenizer_path, prompt, max_new_tokens)

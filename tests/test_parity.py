@@ -1,6 +1,8 @@
 """Parity: data parallel against the single-process reference on the same data and seed."""
 from __future__ import annotations
 
+import os
+
 from orchestrator.config import compose
 from orchestrator.job import run_job
 from tests.conftest import assert_losses_close, parity_overrides
@@ -18,3 +20,10 @@ def test_ddp_two_workers_matches_single(reference, tmp_path, data_cache):
     assert summary["status"] == "succeeded", summary["error"]
     assert summary["world_size"] == 2
     assert_losses_close(summary["losses"], reference["losses"], REL_TOL)
+    # The test cluster is embedded, so each CPU rank is bound to a core of its own (as the
+    # workers' OS reports it) wherever two cores are there to give.
+    cores = summary["cores_per_rank"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert all(c and len(c) == 1 for c in cores) and cores[0] != cores[1], cores
+    else:
+        assert cores == [None, None], cores
