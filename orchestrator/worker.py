@@ -63,11 +63,6 @@ class TrainWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
     def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None, master_addr: str, master_port: int,
               device_type: str, timeout_s: float, local: tuple[int, int] | None = None) -> int:
         """``local``: (this rank's index among the job's ranks on its node, their number), given

@@ -89,7 +89,7 @@ class RayWorkerGroup:
                 "check cluster.num_workers, cluster.cpus_per_worker and the cluster's free resources"
             )
         addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous", timeout)
-        local = self._local_ranks(timeout) if self._binds_cores() else [None] * self.world_size
+        local = self._local_ranks() if self._binds_cores() else [None] * self.world_size
         steps = self._get(
             [a.setup.remote(job, data, resume_from, addr, port, self.device_type, timeout, local[rank])
              for rank, a in enumerate(self.actors)],
@@ -101,9 +101,13 @@ class RayWorkerGroup:
         bind = self.cluster.bind_cores
         return self.device_type == "cpu" and (bind if bind is not None else self.cluster.address is None)
 
-    def _local_ranks(self, timeout_s: float) -> list[tuple[int, int]]:
-        """(index among the job's ranks on the same node, their number) for every rank."""
-        nodes = self._get([a.node_id.remote() for a in self.actors], "node ids", timeout_s)
+    def _local_ranks(self) -> list[tuple[int, int]]:
+        """(index among the job's ranks on the same node, their number) for every rank; rank i
+        runs in bundle i, whose node the reserved placement group records."""
+        from ray.util import placement_group_table
+
+        where = placement_group_table(self.pg)["bundles_to_node_id"]
+        nodes = [where[rank] for rank in range(self.world_size)]
         return [(nodes[:rank].count(node), nodes.count(node)) for rank, node in enumerate(nodes)]
 
     def start_training(self) -> None:
