@@ -22,6 +22,9 @@ WORKER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "orchestrator.t
 # An embedded cluster has no dashboard to read Ray's own metrics or task events, so nothing records
 # or ships them: on the 2-core machine the dashboard agent then took 0.2% of a core instead of 0.6%
 # during training, and every such interruption of one rank stalls both at the next collective.
+# Ray starts its worker processes at nice 15 (worker_niceness), below everything else on the node:
+# ranks then yielded to the driver, Ray's daemons and wandb, which run at 0, as torchrun's and the
+# deepspeed launcher's ranks do not. An embedded cluster's ranks run at 0 like theirs.
 EMBEDDED_SYSTEM_CONFIG = {
     "preload_python_modules": WORKER_PRELOAD,
     "enable_worker_prestart": True,
@@ -29,6 +32,7 @@ EMBEDDED_SYSTEM_CONFIG = {
     "task_events_report_interval_ms": 0,
     "raylet_client_connect_timeout_milliseconds": 20,
     "raylet_client_num_connect_attempts": 500,
+    "worker_niceness": 0,
 }
 
 

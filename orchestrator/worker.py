@@ -106,7 +106,8 @@ class TrainWorker:
     def train(self) -> dict:
         import ray
 
-        return {**asdict(self.trainer.run()), "node_id": ray.get_runtime_context().get_node_id(), "cores": self.cores}
+        return {**asdict(self.trainer.run()), "node_id": ray.get_runtime_context().get_node_id(), "cores": self.cores,
+                "nice": os.nice(0)}
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         return self.trainer.sample(self.tokenizer_path, prompt, max_new_tokens)

@@ -41,6 +41,8 @@ def test_train_command_end_to_end(tmp_path, data_cache):
     assert summary["final_loss"] == records[-1]["loss"]
     assert 0 < summary["time_to_first_step_s"] < summary["wall_s"]
     assert len(summary["peak_rss_bytes_per_rank"]) == 2 and min(summary["peak_rss_bytes_per_rank"]) > 0
+    # The embedded cluster runs its ranks at normal priority (Ray's default for workers is nice 15).
+    assert summary["nice_per_rank"] == [os.nice(0), os.nice(0)]
 
     from tokenizers import Tokenizer
 
