@@ -136,26 +136,40 @@ class WandbSink:
 
 class TensorBoardSink:
     """TensorBoard event files in ``<run>/tensorboard``: `tensorboard --logdir RUN_DIR` is a live
-    dashboard with no account. A restart from a checkpoint purges the steps after it."""
+    dashboard with no account. A restart from a checkpoint purges the steps after it.
+
+    Written with the tensorboard package's own event writer: torch's SummaryWriter would import
+    torch into the driver (a second of CPU, taken from the ranks right after step 1)."""
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir) / "tensorboard"
         self.writer = None
 
     def _open(self, purge_after: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self.writer = SummaryWriter(str(self.dir), purge_step=purge_after + 1 if purge_after else None,
-                                    flush_secs=5)
+        self.writer = EventFileWriter(str(self.dir), flush_secs=5)
+        if purge_after:  # TensorBoard drops the events of steps after this one written before it
+            self.writer.add_event(Event(step=purge_after + 1, wall_time=time.time(),
+                                        session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, step: int, summary) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        self.writer.add_event(Event(step=step, wall_time=time.time(), summary=summary))
+
+    def _scalars(self, step: int, values: dict) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._write(step, Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]))
 
     def start(self, history: list[dict]) -> None:
         self._open(history[-1]["step"] if history else None)
 
     def log(self, metrics: dict) -> None:
-        step = metrics["step"]
-        for key, value in metrics.items():
-            if key not in ("step", "time") and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, step)
+        self._scalars(metrics["step"], {k: v for k, v in metrics.items()
+                                        if k not in ("step", "time") and isinstance(v, (int, float))})
 
     def rewind(self, step: int, history: list[dict]) -> None:
         self.writer.close()
@@ -164,12 +178,13 @@ class TensorBoardSink:
     def finish(self, summary: dict) -> None:
         if self.writer is None:
             return
-        for key, values in per_rank_memory(summary).items():
-            for rank, value in enumerate(values):
-                if value is not None:
-                    self.writer.add_scalar(f"{key}/rank{rank}", value, summary["steps"])
-        self.writer.add_text("summary", "```\n" + json.dumps({k: v for k, v in summary.items() if k != "losses"},
-                                                             indent=1, default=str) + "\n```")
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self._scalars(summary["steps"], {f"{key}/rank{rank}": value
+                                         for key, values in per_rank_memory(summary).items()
+                                         for rank, value in enumerate(values) if value is not None})
+        self._write(summary["steps"], text_pb("summary", "```\n" + json.dumps(
+            {k: v for k, v in summary.items() if k != "losses"}, indent=1, default=str) + "\n```"))
         self.writer.close()
 
 
@@ -314,6 +329,7 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "peak_rss_bytes_per_rank": [o["peak_rss_bytes"] for o in outcomes],
         "node_per_rank": [o.get("node_id") for o in outcomes],
         "cores_per_rank": [o.get("cores") for o in outcomes],
+        "nice_per_rank": [o.get("nice") for o in outcomes],
         "memory": memory_summary([o["memory"] for o in outcomes]),
         "eval": last_eval(history),
         "restarts": restarts,

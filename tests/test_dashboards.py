@@ -118,3 +118,28 @@ def test_multirun_writes_a_comparison(tmp_path, data_cache):
     assert all("succeeded" in r for r in rows)
     assert (sweep / "comparison.csv").exists()
     assert (sweep / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_tensorboard_rewind_purges_the_steps_after_the_checkpoint(tmp_path):
+    """A restart from the checkpoint of step 3 replaces steps 4-5; the summary text is kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from orchestrator.metrics import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path)
+    sink.start([])
+    for step in range(1, 6):
+        sink.log({"step": step, "loss": float(step), "time": 0.0, "note": "not a number"})
+    sink.rewind(3, [])
+    for step in (4, 5):
+        sink.log({"step": step, "loss": 10.0 * step, "time": 0.0})
+    sink.finish({"steps": 5, "status": "succeeded", "losses": [1.0],
+                 "memory": {"model_states_bytes_per_rank": [7, 9]}, "peak_rss_bytes_per_rank": [None, 5]})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert [e.value for e in acc.Scalars("memory/model_states_bytes/rank1")] == [9.0]
+    assert "memory/peak_rss_bytes/rank0" not in acc.Tags()["scalars"]
+    assert "note" not in acc.Tags()["scalars"] and "time" not in acc.Tags()["scalars"]
+    (text,) = acc.Tensors("summary")  # the text plugin's tab
+    assert b'"status": "succeeded"' in text.tensor_proto.string_val[0]
