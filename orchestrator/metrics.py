@@ -146,23 +146,23 @@ class TensorBoardSink:
         self.writer = None
 
     def _open(self, purge_after: int | None) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.event_pb2 import SessionLog
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.writer = EventFileWriter(str(self.dir), flush_secs=5)
         if purge_after:  # TensorBoard drops the events of steps after this one written before it
-            self.writer.add_event(Event(step=purge_after + 1, wall_time=time.time(),
-                                        session_log=SessionLog(status=SessionLog.START)))
+            self._event(step=purge_after + 1, session_log=SessionLog(status=SessionLog.START))
 
-    def _write(self, step: int, summary) -> None:
+    def _event(self, **fields) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
 
-        self.writer.add_event(Event(step=step, wall_time=time.time(), summary=summary))
+        self.writer.add_event(Event(wall_time=time.time(), **fields))
 
     def _scalars(self, step: int, values: dict) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        self._write(step, Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]))
+        self._event(step=step, summary=Summary(
+            value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]))
 
     def start(self, history: list[dict]) -> None:
         self._open(history[-1]["step"] if history else None)
@@ -183,7 +183,7 @@ class TensorBoardSink:
         self._scalars(summary["steps"], {f"{key}/rank{rank}": value
                                          for key, values in per_rank_memory(summary).items()
                                          for rank, value in enumerate(values) if value is not None})
-        self._write(summary["steps"], text_pb("summary", "```\n" + json.dumps(
+        self._event(step=summary["steps"], summary=text_pb("summary", "```\n" + json.dumps(
             {k: v for k, v in summary.items() if k != "losses"}, indent=1, default=str) + "\n```"))
         self.writer.close()
 
