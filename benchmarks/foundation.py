@@ -29,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.metrics import WARMUP_STEPS
+
 ROOT = Path(__file__).resolve().parent.parent
-WARMUP = 2
 
 
 def run(cmd: list[str], timeout: float = 1800) -> None:
@@ -41,7 +42,8 @@ def run(cmd: list[str], timeout: float = 1800) -> None:
 
 
 def steady_median(values: list[float]) -> float:
-    return statistics.median(values[WARMUP:] if len(values) > WARMUP else values)
+    """A run's tokens/s as summary.json defines it: the median after the warm-up steps."""
+    return statistics.median(values[WARMUP_STEPS:] or values)
 
 
 def paired(round_index: int, ours, baseline) -> tuple:
