@@ -60,10 +60,48 @@ def connect(cfg: ClusterConfig):
             _system_config=EMBEDDED_SYSTEM_CONFIG,
             log_to_driver=True,
         )
+        idle_observers()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+# Ray's observer processes, by script or by the title the agents give themselves: they log,
+# report and watch for autoscaling, and once the cluster is up nothing in a job waits on them.
+# In an embedded cluster they run at SCHED_IDLE: on a machine whose cores the ranks fill, they
+# took about 3% of a core in training (log monitor 1.0%, dashboard agent 0.6%, dashboard 0.3%,
+# autoscaler monitor 0.2% on the 2-core machine), and each time one of them pre-empts a rank, every
+# rank waits for it at the next collective. At SCHED_IDLE they do not pre-empt; they run while the
+# ranks wait for communication. The raylet and the GCS keep their priority.
+OBSERVER_SCRIPTS = ("ray/_private/log_monitor.py", "ray/dashboard/dashboard.py", "ray/dashboard/agent.py",
+                    "ray/autoscaler/_private/monitor.py", "ray/_private/runtime_env/agent/main.py")
+OBSERVER_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _is_observer(argv: list[str]) -> bool:
+    """By the interpreter's first arguments only: the raylet's own command line names agent.py."""
+    head = [a.strip().replace(os.sep, "/") for a in argv[:3]]
+    return bool(head) and (head[0] in OBSERVER_TITLES or any(a.endswith(OBSERVER_SCRIPTS) for a in head))
+
+
+def idle_observers() -> list[int]:
+    """Moves the embedded cluster's observer processes (every thread of each) to SCHED_IDLE."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return []
+    import psutil
+
+    moved = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if not _is_observer(proc.cmdline()):
+                continue
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            moved.append(proc.pid)
+        except (psutil.Error, OSError):
+            pass
+    return moved
 
 
 def device_type(cfg: ClusterConfig) -> str:

@@ -210,3 +210,30 @@ def test_bad_address_and_unknown_job_fail_within_seconds(cluster, tmp_path):
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert time.time() - start < 30
         assert any(w in proc.stderr for w in ("no Ray cluster answers", "no job with id", "cluster.address")), proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_embedded_observers_run_at_idle_priority_and_nothing_else_does(tmp_path):
+    """Ray's observer processes (found among this process's children by their script) go to
+    SCHED_IDLE, every thread of them; a process that only names such a script further down its
+    command line, as the raylet names the dashboard agent, keeps its policy."""
+    from orchestrator.cluster import idle_observers
+
+    script = tmp_path / "ray" / "_private" / "log_monitor.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\ntime.sleep(60)\n")
+    observer = subprocess.Popen([sys.executable, "-u", str(script)])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  f"--agent_command={tmp_path}/ray/dashboard/agent.py"])
+    try:
+        time.sleep(1.0)  # both threads of the observer started
+        moved = idle_observers()
+        assert observer.pid in moved and bystander.pid not in moved
+        threads = os.listdir(f"/proc/{observer.pid}/task")
+        assert len(threads) == 2
+        assert all(os.sched_getscheduler(int(t)) == os.SCHED_IDLE for t in threads)
+        assert os.sched_getscheduler(bystander.pid) == os.SCHED_OTHER
+    finally:
+        for p in (observer, bystander):
+            p.kill()
+            p.wait()
