@@ -9,7 +9,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Generator
 
 import torch
 
@@ -53,12 +53,11 @@ class TrainOutcome:
 
 class Trainer:
     def __init__(self, job: JobConfig, rank: int, world_size: int, device: torch.device, data: PreparedData,
-                 resume_from: str | None, report: Callable[[dict], None]):
+                 resume_from: str | None):
         self.job = job
         self.rank = rank
         self.device = device
         self.run_dir = job.run.dir
-        self.report = report
         strategy = strategies.get(job.strategy.name)
         self.topology = strategy.topology(job.strategy, world_size)
         torch.manual_seed(job.seed)
@@ -143,7 +142,9 @@ class Trainer:
             result.pop("val_exact_match", None)
         return result
 
-    def run(self) -> TrainOutcome:
+    def run(self) -> Generator[dict, None, TrainOutcome]:
+        """Trains to trainer.max_steps (or exit_at_step): a generator that yields rank 0's metrics
+        after every step (nothing on the other ranks) and returns the rank's TrainOutcome."""
         t = self.job.trainer
         tokens_per_step = t.global_batch_size * self.job.data.seq_len
         first_step = self.step + 1
@@ -171,7 +172,7 @@ class Trainer:
                 if self.rank == 0:
                     metrics.update(timing)
             if self.rank == 0:
-                self.report(metrics)
+                yield metrics
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.exit_at_step:
                 self.save()
                 saved_at = self.step

@@ -1,7 +1,9 @@
 """TrainWorker: one Ray actor per rank, wrapping a Trainer.
 
-The actor runs with two threads so that the controller can drain rank 0's
-metrics while ``train`` runs, without a remote call in the training loop.
+``train`` is a generator that the controller calls as a Ray streaming generator: rank 0's
+metrics reach the driver as each step ends, and the actor needs no second thread. (A threaded
+actor's idle main thread wakes every 10 ms to check for signals and takes the GIL each time,
+from under the training thread.)
 torch is imported in the actor's methods: the driver imports this module only
 to name the actor class.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -49,8 +50,6 @@ class TrainWorker:
         import torch
 
         torch.set_num_threads(threads)
-        self._lock = threading.Lock()
-        self._metrics: list[dict] = []
         self.trainer = None
         self.tokenizer_path = ""
         self.cores: list[int] | None = None
@@ -91,23 +90,23 @@ class TrainWorker:
                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s),
             )
         self.tokenizer_path = data.tokenizer_path
-        self.trainer = Trainer(job, self.rank, self.world_size, device, data, resume_from, self._report)
+        self.trainer = Trainer(job, self.rank, self.world_size, device, data, resume_from)
         return self.trainer.step
 
-    def _report(self, metrics: dict) -> None:
-        with self._lock:
-            self._metrics.append(metrics)
-
-    def drain(self) -> list[dict]:
-        with self._lock:
-            out, self._metrics = self._metrics, []
-        return out
-
-    def train(self) -> dict:
+    def train(self):
+        """Yields ("metrics", dict) after every step on rank 0, then ("outcome", dict) on every rank."""
         import ray
 
-        return {**asdict(self.trainer.run()), "node_id": ray.get_runtime_context().get_node_id(), "cores": self.cores,
-                "nice": os.nice(0)}
+        steps = self.trainer.run()
+        while True:
+            try:
+                metrics = next(steps)
+            except StopIteration as end:
+                outcome = end.value
+                break
+            yield "metrics", metrics
+        yield "outcome", {**asdict(outcome), "node_id": ray.get_runtime_context().get_node_id(), "cores": self.cores,
+                          "nice": os.nice(0)}
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         return self.trainer.sample(self.tokenizer_path, prompt, max_new_tokens)

@@ -62,7 +62,6 @@ class RayWorkerGroup:
                 name=f"{tag}-rank{rank}",
                 num_cpus=cluster.cpus_per_worker,
                 num_gpus=gpus,
-                max_concurrency=2,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
             ).remote(rank, world_size, cluster.cpus_per_worker)
             for rank in range(world_size)
@@ -111,21 +110,39 @@ class RayWorkerGroup:
         return [(nodes[:rank].count(node), nodes.count(node)) for rank, node in enumerate(nodes)]
 
     def start_training(self) -> None:
-        self._train_refs = [a.train.remote() for a in self.actors]
+        # Streaming generators: each rank's items come back as the rank yields them.
+        self._train_refs = [a.train.options(num_returns="streaming").remote() for a in self.actors]
         self._outcomes = {}
 
     def poll(self, timeout_s: float) -> tuple[list[dict], list[dict] | None]:
         import ray
 
-        pending = [r for i, r in enumerate(self._train_refs) if i not in self._outcomes]
+        pending = [g for rank, g in enumerate(self._train_refs) if rank not in self._outcomes]
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
-        for ref in ready:
-            rank = self._train_refs.index(ref)
-            self._outcomes[rank] = self._get(ref, f"rank {rank}")
-        metrics = self._get(self.actors[0].drain.remote(), "metrics drain", 60.0)
+        metrics = []
+        for rank, gen in enumerate(self._train_refs):
+            if any(gen is g for g in ready):
+                metrics += self._take(rank, gen)
         if len(self._outcomes) == self.world_size:
             return metrics, [self._outcomes[r] for r in range(self.world_size)]
         return metrics, None
+
+    def _take(self, rank: int, gen) -> list[dict]:
+        """Every item rank ``rank`` has yielded so far: its metrics; its outcome is recorded."""
+        import ray
+
+        metrics = []
+        while rank not in self._outcomes and ray.wait([gen], timeout=0)[0]:
+            try:
+                ref = next(gen)
+            except StopIteration:
+                raise WorkerFailure(f"rank {rank} stopped training without an outcome", rank) from None
+            kind, item = self._get(ref, f"rank {rank}")
+            if kind == "metrics":
+                metrics.append(item)
+            else:
+                self._outcomes[rank] = item
+        return metrics
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         return self._get(self.actors[0].sample.remote(prompt, max_new_tokens), "text sample", 300.0)
@@ -137,10 +154,12 @@ class RayWorkerGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=5.0)
-        except Exception:
-            pass
+        if self._train_refs and len(self._outcomes) == self.world_size:  # finished: leave the process group
+            try:
+                ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=5.0)
+            except Exception:
+                pass
+        # Otherwise a rank may still be in a method (each runs one at a time): killing it ends it.
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
