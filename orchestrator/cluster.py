@@ -70,7 +70,7 @@ def connect(cfg: ClusterConfig):
 # Ray's observer processes, by script or by the title the agents give themselves: they log,
 # report and watch for autoscaling, and once the cluster is up nothing in a job waits on them.
 # In an embedded cluster they run at SCHED_IDLE: on a machine whose cores the ranks fill, they
-# took about 3% of a core in training (log monitor 1.0%, dashboard agent 0.6%, dashboard 0.3%,
+# took about 2% of a core in training (log monitor 1.0%, dashboard agent 0.6%, dashboard 0.3%,
 # autoscaler monitor 0.2% on the 2-core machine), and each time one of them pre-empts a rank, every
 # rank waits for it at the next collective. At SCHED_IDLE they do not pre-empt; they run while the
 # ranks wait for communication. The raylet and the GCS keep their priority.

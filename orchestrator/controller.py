@@ -139,7 +139,7 @@ class JobController:
 
     def _start_sinks(self) -> None:
         """Sinks start once the first step is in: their start-up (wandb's takes seconds
-        of CPU) must not compete with the workers' start-up. Rank 0 buffers meanwhile."""
+        of CPU) must not compete with the workers' start-up. Rank 0's streamed metrics wait in Ray meanwhile."""
         for sink in self.sinks:
             sink.start(list(self.history))
         self.sinks_started = True
