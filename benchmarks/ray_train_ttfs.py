@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from orchestrator.job import process_start_time  # noqa: E402  (the same clock as our summary's)
+from orchestrator.clock import process_start_time  # noqa: E402  (the same clock as our summary's)
 
 START = process_start_time()
 

@@ -159,7 +159,7 @@ def test_process_start_time_is_the_launch_to_the_clock_tick():
     import subprocess
     import sys
 
-    code = "from orchestrator.job import process_start_time; print(repr(process_start_time()))"
+    code = "from orchestrator.clock import process_start_time; print(repr(process_start_time()))"
     for _ in range(3):
         before = time.time()
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
