@@ -9,7 +9,7 @@ Runs, on the same model, batch, data and steps:
   (c) benchmarks/ray_train_ttfs.py: the same training function under Ray Train's TorchTrainer,
   (d) benchmarks/ray_start_floor.py: no job at all, only Ray's own start (the orchestrator's
       embedded cluster) up to two actors with torch imported: a reference point.
-Each round runs both contenders of a pair, in alternating order (ours first in even rounds).
+Each round runs its contenders once each, in rotating order (ours first in round 0).
 Tokens/s: (a) and (b) alternate for --rounds rounds; a run's figure is its median tokens/s after
 2 warm-up steps, and the ratio is the median over rounds of (a)/(b) within a round (adjacent runs
 see the same machine: on a shared 2-core machine speed drifts over minutes).
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.metrics import WARMUP_STEPS
+from orchestrator.metrics import WARMUP_STEPS, read_history
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,15 +51,10 @@ def steady_median(values: list[float]) -> float:
     return statistics.median(values[WARMUP_STEPS:] or values)
 
 
-def paired(round_index: int, ours, baseline) -> tuple:
-    """Runs both contenders of a round, ours first in even rounds and the baseline first in odd
-    ones, so that neither always runs right after the other's start-up or teardown."""
-    return in_turn(round_index, ours, baseline)
-
-
 def in_turn(round_index: int, *contenders) -> tuple:
     """Runs every contender once, starting with contender number round_index (mod their count),
-    and returns their results in the order given."""
+    so that none always runs right after another's start-up or teardown; returns their results
+    in the order given."""
     n = len(contenders)
     results = [None] * n
     for k in range(n):
@@ -107,7 +102,7 @@ def main() -> None:
 
     ours_tps, base_tps, ours_ttfs, ray_ttfs, floors, step1 = [], [], [], [], [], []
     for r in range(args.rounds):
-        summary, tps = paired(r, lambda: ours(job, work / f"ours-{r}"), lambda: torchrun(work / f"torchrun-{r}.json"))
+        summary, tps = in_turn(r, lambda: ours(job, work / f"ours-{r}"), lambda: torchrun(work / f"torchrun-{r}.json"))
         ours_tps.append(summary["tokens_per_s"])
         base_tps.append(tps)
         print(f"round {r}: tokens/s orchestrator {ours_tps[-1]:.0f}, torchrun {tps:.0f}", flush=True)
@@ -120,7 +115,7 @@ def main() -> None:
         ours_ttfs.append(summary["time_to_first_step_s"])
         ray_ttfs.append(ttfs)
         floors.append(floor)
-        step1.append(json.loads((work / f"ttfs-ours-{r}" / "metrics.jsonl").open().readline())["step_time_s"])
+        step1.append(read_history(work / f"ttfs-ours-{r}", 1)[0]["step_time_s"])
         print(f"round {r}: time to first step: orchestrator {ours_ttfs[-1]:.2f}s (phases {summary['startup_s']}, "
               f"step 1 itself {step1[-1]:.2f}s), Ray Train {ttfs:.2f}s; Ray's own start with 2 ready actors "
               f"{floor:.2f}s", flush=True)

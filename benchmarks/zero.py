@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.foundation import ROOT, paired, run, steady_median  # noqa: E402
+from benchmarks.foundation import ROOT, in_turn, run, steady_median  # noqa: E402
 
 
 # Diagnostic only: the ratio of medians over the steps after this one. Our dashboards (wandb,
@@ -71,8 +71,8 @@ def main() -> None:
         job = base + [f"strategy=zero{stage}"]
         pairs = []
         for r in range(args.rounds):
-            sa, sb = paired(r, lambda: ours_steps(py, job, work / f"ours-{stage}-{r}"),
-                            lambda: direct_steps(py, job, work, f"direct-{stage}-{r}", args.steps))
+            sa, sb = in_turn(r, lambda: ours_steps(py, job, work / f"ours-{stage}-{r}"),
+                             lambda: direct_steps(py, job, work, f"direct-{stage}-{r}", args.steps))
             a, b = steady_median(sa), steady_median(sb)
             late = statistics.median(sa[LATE_WARMUP:]) / statistics.median(sb[LATE_WARMUP:])
             pairs.append((a, b, late))
