@@ -115,7 +115,7 @@ def main() -> None:
         ours_ttfs.append(summary["time_to_first_step_s"])
         ray_ttfs.append(ttfs)
         floors.append(floor)
-        step1.append(read_history(work / f"ttfs-ours-{r}", 1)[0]["step_time_s"])
+        step1.append(read_history(work / f"ttfs-ours-{r}" / "metrics.jsonl", 1)[0]["step_time_s"])
         print(f"round {r}: time to first step: orchestrator {ours_ttfs[-1]:.2f}s (phases {summary['startup_s']}, "
               f"step 1 itself {step1[-1]:.2f}s), Ray Train {ttfs:.2f}s; Ray's own start with 2 ready actors "
               f"{floor:.2f}s", flush=True)

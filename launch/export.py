@@ -10,13 +10,13 @@ from orchestrator.export import export
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("run_dir", help="a run directory (holds job.json, tokenizer.json, checkpoints/)")
+    ap.add_argument("run_dir", help="a run directory, a run's storage (e.g. s3://bucket/run) or one checkpoint")
     ap.add_argument("out_dir", help="where to write model.safetensors, config.json and tokenizer files")
     args = ap.parse_args()
     try:
         ckpt = export(args.run_dir, args.out_dir)
     except ConfigError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {ckpt} to {args.out_dir}")
 

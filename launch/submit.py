@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from orchestrator import jobs
+from orchestrator.storage import RunPlaces
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
             return 0
         c = jobs.client(address or jobs.default_address())
         status = jobs.follow_logs(c, sub.job_id)
-        metrics = Path(sub.run_dir, "metrics.jsonl")
+        metrics = RunPlaces.of(sub.run_dir).metrics_file
         if metrics.exists() and metrics.stat().st_size:
             first = json.loads(metrics.read_text().splitlines()[0])
             print(f"time from submit to first step: {first['time'] - sub.submitted_at:.1f} s")

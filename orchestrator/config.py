@@ -55,8 +55,14 @@ class DataConfig:
     messages_field: str = "messages"
     seq_len: int = 128
     shuffle: bool = True
-    # Tokenizer and tokenized blocks are cached here, keyed by content hash.
+    # Tokenizer and tokenized blocks are cached here, keyed by content hash (on the driver, and on
+    # each node that downloads a published copy).
     cache_dir: str = "~/.cache/forgeline"
+    # Where the prepared data is published for ranks on other nodes (a path every node mounts, or
+    # an object-store URL such as s3://bucket/forgeline-data), reused by every job with the same
+    # data. null: run.storage's data/ folder where run.storage is set; else the ranks read the
+    # driver's cache directly (one machine).
+    storage: Optional[str] = None
     # Fraction of blocks held out for evaluation (0 disables evaluation).
     val_fraction: float = 0.0
 
@@ -82,6 +88,8 @@ class TrainerConfig:
     # Save every N steps (0: only at the end). The last step is always saved.
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    # Write checkpoints in the background: training waits only for a copy of this rank's shards.
+    checkpoint_async: bool = True
     # Evaluate on the held-out split every N steps (0: never).
     eval_every: int = 0
     # Stop cleanly after this step (saving a checkpoint) although max_steps is
@@ -132,9 +140,16 @@ class LoggingConfig:
 
 @dataclass
 class RunConfig:
+    # The driver's run directory: job.json, tokenizer, metrics, status, summary, report.
     dir: str = MISSING
     name: str = "job"
     resume: bool = False
+    # Where checkpoints go, and what a rank on another node must read: a local or NFS path, or an
+    # object store (s3://bucket/prefix; endpoint and credentials from AWS_* variables, fsspec's
+    # configuration or storage_options). null: the run directory (one machine, or a shared disk).
+    storage: Optional[str] = None
+    # fsspec options for run.storage and data.storage (e.g. endpoint_url for s3://).
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -238,7 +253,7 @@ def to_job_config(cfg: Any) -> JobConfig:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(str(key), str(exc).splitlines()[0]) from None
     job: JobConfig = OmegaConf.to_object(merged)
-    if job.model.init_from:  # absolute, so that the run's job.json names it from anywhere
+    if job.model.init_from and "://" not in job.model.init_from:  # absolute: job.json names it from anywhere
         job.model.init_from = os.path.abspath(os.path.expanduser(job.model.init_from))
     validate(job)
     return job
@@ -282,6 +297,10 @@ def validate(job: JobConfig) -> None:
         from orchestrator import pretrained
 
         pretrained.check(pretrained.locate(m.init_from), m)
+
+    for key, location in (("run.storage", job.run.storage), ("data.storage", job.data.storage)):
+        if location:
+            check_location(key, location)
 
     d = job.data
     if not d.paths:
@@ -329,6 +348,25 @@ def validate(job: JobConfig) -> None:
             f"{t.global_batch_size} is not divisible by trainer.micro_batch_size * data-parallel size "
             f"= {t.micro_batch_size} * {topo.dp} = {per_step}",
         )
+
+
+def check_location(key: str, location: str) -> None:
+    """A storage location fsspec can open: a path, or a URL whose protocol has a filesystem here."""
+    if "://" not in location or location.startswith("file://"):
+        return
+    protocol = location.split("://", 1)[0]
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ConfigError(key, f"{location!r}: no filesystem for the protocol {protocol!r}; use a path or a URL "
+                               f"such as s3://bucket/prefix") from None
+    except ImportError as exc:
+        raise ConfigError(key, f"{location!r}: the {protocol!r} filesystem needs a package that is not "
+                               f"installed ({exc})") from None
+    if not location.split("://", 1)[1].strip("/"):
+        raise ConfigError(key, f"{location!r} names no bucket or folder")
 
 
 def validate_lora(job: JobConfig) -> None:

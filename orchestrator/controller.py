@@ -13,6 +13,7 @@ import enum
 import json
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Callable, ContextManager
 from orchestrator import checkpoint
 from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData
+from orchestrator.errors import ConfigError
 from orchestrator.metrics import Sink, build_summary, read_history, write_status
+from orchestrator.storage import RunPlaces, Storage, places_of
 from orchestrator.worker_group import WorkerFailure, WorkerGroup
 
 
@@ -70,8 +73,11 @@ class JobController:
         command_start: float,
         poll_interval_s: float = 1.0,
         connect: Callable[[], ContextManager] = contextlib.nullcontext,
+        places: RunPlaces | None = None,
     ):
         self.job = job
+        self.places = places or places_of(job)
+        self.run_id: str | None = None
         self.make_group = make_group
         self.prepare_data = prepare_data
         self.sinks = sinks
@@ -102,15 +108,29 @@ class JobController:
 
     def _publish_status(self) -> None:
         """``status.json`` in the run directory: what `launch.status` shows while the job runs."""
-        if not Path(self.job.run.dir).is_dir():
+        if not Path(self.places.dir).is_dir():
             return
-        write_status(self.job, self.state.value, self.history, self.restarts)
+        write_status(self.places.status_file, self.job, self.state.value, self.history, self.restarts)
 
-    @staticmethod
-    def _resume_point(job: JobConfig) -> tuple[Path | None, int]:
-        """The verified checkpoint to resume from (chosen once, here, for every rank) and its step."""
-        path = checkpoint.latest(job.run.dir) if job.run.resume else None
-        return path, (checkpoint.read_trainer_state(path).step if path else 0)
+    def _claim_storage(self) -> str:
+        """This run's id. A fresh job refuses storage that holds another run's checkpoints (before
+        it writes anything); a resumed one continues the run whose checkpoint is newest there."""
+        ckpts = self.places.checkpoints
+        other, step = checkpoint.owner(ckpts)
+        if self.job.run.resume:
+            return other or uuid.uuid4().hex[:12]
+        if step is not None:
+            key = "run.storage" if self.places.separate_storage else "run.dir"
+            raise ConfigError(key, f"{ckpts.root} already holds checkpoints of run {other or '(unknown: no manifest)'} "
+                                   f"(newest: step {step}); set run.resume=true to continue that run, or choose "
+                                   f"another {key}")
+        return uuid.uuid4().hex[:12]
+
+    def _resume_point(self, job: JobConfig) -> tuple[Storage | None, int]:
+        """The verified checkpoint of this run to resume from (chosen once, here, for every rank)
+        and its step."""
+        ckpt = checkpoint.latest(self.places.checkpoints, self.run_id) if job.run.resume else None
+        return ckpt, (checkpoint.read_trainer_state(ckpt).step if ckpt else 0)
 
     def _watch(self, group: WorkerGroup) -> list[dict]:
         timeout = self.job.trainer.step_timeout_s
@@ -153,8 +173,10 @@ class JobController:
         before any worker is created.
         """
         job = self.job
-        Path(job.run.dir).mkdir(parents=True, exist_ok=True)
-        Path(job.run.dir, "job.json").write_text(json.dumps(dataclasses.asdict(job), indent=1))
+        places = self.places
+        self.run_id = self._claim_storage()  # before anything is written
+        Path(places.dir).mkdir(parents=True, exist_ok=True)
+        places.job_file.write_text(json.dumps({"run_id": self.run_id, **dataclasses.asdict(job)}, indent=1))
         outcomes = None
         error = None
         sample = None
@@ -167,17 +189,18 @@ class JobController:
             with self.connect():
                 self.mark("connected")
                 data = data_future.result()
-                shutil.copyfile(data.tokenizer_path, Path(job.run.dir) / "tokenizer.json")  # saved with the run
+                shutil.copyfile(data.tokenizer_path, places.tokenizer_file)  # saved with the run
+                places.publish_run_files()
                 self.mark("data_ready")
                 while True:
                     group = self.make_group()  # actors start in the background
                     try:
                         resume_from, resume_step = self._resume_point(job)
-                        self.history = read_history(job.run.dir, resume_step)
+                        self.history = read_history(places.metrics_file, resume_step)
                         if self.sinks_started:  # a restart: forget the steps after the checkpoint
                             for sink in self.sinks:
                                 sink.rewind(resume_step, self.history)
-                        group.setup(job, data, str(resume_from) if resume_from else None)
+                        group.setup(job, places, self.run_id, data, resume_from)
                         self.mark("workers_ready")
                         self._to(JobState.RUNNING)
                         group.start_training()
@@ -215,7 +238,9 @@ class JobController:
                 self.startup["first_step"] = round(self.run_metrics[0]["time"] - self.command_start, 3)
             summary["startup_s"] = self.startup
             summary["recoveries_s"] = self.recoveries_s
-            Path(job.run.dir, "summary.json").write_text(json.dumps(summary, indent=2))
+            summary["run_id"] = self.run_id
+            summary["storage"] = places.storage.root
+            places.summary_file.write_text(json.dumps(summary, indent=2))
             if self.sinks_started:
                 for sink in self.sinks:
                     sink.finish(summary)

@@ -2,9 +2,13 @@
 
 ``prepare`` runs once on the driver and caches its output (tokenizer.json and a
 flat array of token ids) under ``data.cache_dir``, keyed by the content of the
-input files and the tokenizer settings. Workers memory-map the token array and
-draw fixed-length blocks through ``BlockSampler``, whose position is one integer
-(global samples consumed) that a checkpoint saves and restores.
+input files and the tokenizer settings. Where the job has storage that every node
+reaches (``data.storage``, or ``run.storage``'s ``data/``), ``publish`` copies that
+folder there under the same key, once for every job that prepares the same data;
+each rank's ``localize`` then gives it a copy on its own node's disk (downloaded once
+per node and key, into the node's ``data.cache_dir``). Ranks memory-map the token
+array and draw fixed-length blocks through ``BlockSampler``, whose position is one
+integer (global samples consumed) that a checkpoint saves and restores.
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from orchestrator.config import DataConfig
 from orchestrator.errors import ConfigError
+from orchestrator.storage import Storage
 
 # Nothing is ever fetched from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,6 +43,15 @@ class PreparedData:
     eos_id: int | None
     vocab_size: int
     mask_path: str | None = None  # SFT: which target positions are trained
+    key: str = ""  # the content key: the folder's name in every cache and on storage
+    remote: Storage | None = None  # the published copy every node reads, if any
+
+    @property
+    def local_dir(self) -> Path:
+        return Path(self.tokens_path).parent
+
+
+META = "meta.json"  # written last: a folder with it is complete
 
 
 def _files_digest(paths: list[Path]) -> str:
@@ -143,7 +157,7 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None)
     ).hexdigest()[:24]
     cache_root = Path(os.path.expanduser(cfg.cache_dir))
     out = cache_root / "tokenized" / key
-    meta_path = out / "meta.json"
+    meta_path = out / META
     if not meta_path.exists():
         cache_root.mkdir(parents=True, exist_ok=True)
         build = sft.build if cfg.format == "sft" else _build_text
@@ -156,20 +170,71 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None)
         tok.save(str(tmp / "tokenizer.json"))
         meta = {"n_tokens": int(arrays["tokens"].size), "eos_id": tok.token_to_id(EOS),
                 "vocab_size": tok.get_vocab_size(), "files": [str(p) for p in paths], **extra}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / META).write_text(json.dumps(meta))
         try:
             os.rename(tmp, out)  # atomic publish; a concurrent writer may have won
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads(meta_path.read_text())
+    return _read_prepared(out, key)
+
+
+def _read_prepared(folder: Path, key: str) -> PreparedData:
+    meta = json.loads((folder / META).read_text())
     return PreparedData(
-        tokens_path=str(out / "tokens.npy"),
-        tokenizer_path=str(out / "tokenizer.json"),
+        tokens_path=str(folder / "tokens.npy"),
+        tokenizer_path=str(folder / "tokenizer.json"),
         n_tokens=meta["n_tokens"],
         eos_id=meta["eos_id"],
         vocab_size=meta["vocab_size"],
-        mask_path=str(out / "mask.npy") if (out / "mask.npy").exists() else None,
+        mask_path=str(folder / "mask.npy") if (folder / "mask.npy").exists() else None,
+        key=key,
     )
+
+
+def _data_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != META)
+
+
+def publish(data: PreparedData, store: Storage) -> PreparedData:
+    """Copies the prepared folder to ``store/tokenized/<key>/`` unless a complete copy is there
+    (its meta.json, uploaded last, says so). Returns the data with that copy as its source."""
+    remote = store.child("tokenized", data.key)
+    if not remote.exists(META):
+        for name in _data_files(data.local_dir):
+            remote.upload(data.local_dir / name, name)
+        remote.upload(data.local_dir / META, META)
+    return replace(data, remote=remote)
+
+
+def localize(data: PreparedData, cache_dir: str) -> PreparedData:
+    """The prepared data on this node's disk. Published data is downloaded once per node into
+    ``cache_dir`` (checked against the published sizes); unpublished data must be readable where
+    the driver wrote it. Raises what reading fails with (FileNotFoundError, PermissionError, ...)."""
+    if data.remote is None:
+        for path in (data.tokens_path, data.tokenizer_path, data.mask_path):
+            if path:
+                with open(path, "rb"):
+                    pass
+        return data
+    out = Path(os.path.expanduser(cache_dir)) / "tokenized" / data.key
+    if not (out / META).exists():
+        sizes = data.remote.sizes()
+        if META not in sizes:
+            raise FileNotFoundError(f"{data.remote.url(META)} (no complete published copy)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent))
+        try:
+            for name, size in sizes.items():
+                data.remote.download(tmp / name, name)
+                if (tmp / name).stat().st_size != size:
+                    raise OSError(f"{data.remote.url(name)}: downloaded {(tmp / name).stat().st_size} bytes of {size}")
+            os.rename(tmp, out)  # atomic; another rank of this node may have won
+        except OSError:
+            if not (out / META).exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return replace(_read_prepared(out, data.key), remote=data.remote)
 
 
 def open_blocks(data: PreparedData, seq_len: int, val_fraction: float):

@@ -7,11 +7,13 @@ is a renaming of tensors plus a config.json and the run's tokenizer files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-from orchestrator import checkpoint, pretrained
+from orchestrator import pretrained
 from orchestrator.errors import ConfigError
+from orchestrator.storage import Storage
 
 EOS = "<|endoftext|>"
 HF_LAYER_NAMES = {
@@ -59,30 +61,41 @@ def hf_config(model: dict, eos_id: int) -> dict:
     }
 
 
-def export(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Writes model.safetensors, config.json and tokenizer files; returns the checkpoint used."""
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def export(source: str, out_dir: str | Path) -> str:
+    """Writes model.safetensors, config.json and tokenizer files for the newest verified checkpoint
+    of a run (its directory, or its storage on any filesystem) or for one checkpoint; returns the
+    checkpoint used. The output may not be the run or lie inside it (or its storage)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    job_file, tok_file = run_dir / "job.json", run_dir / "tokenizer.json"
-    for f in (job_file, tok_file):
-        if not f.is_file():
-            raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory: {f.name} is missing")
-    ckpt = checkpoint.latest(run_dir)
-    if ckpt is None:
-        raise ConfigError("RUN_DIR", f"{run_dir} has no verified checkpoint under checkpoints/")
-    model_cfg = json.loads(job_file.read_text())["model"]
+    out_dir = Path(os.path.expanduser(str(out_dir))).resolve()
+    where = Storage.at(source)
+    if where.is_local and _inside(out_dir, Path(where.root)):
+        raise ConfigError("OUT_DIR", f"{out_dir} is inside {source}: exporting there would write over the run's "
+                                     "files; choose a directory outside the run")
+    pre = pretrained.locate(source)
+    if pre.kind != "checkpoint":
+        raise ConfigError("RUN_DIR", f"{source} is a Hugging Face model already, not one of our runs")
+    # The run itself, and the storage its checkpoints are on (<storage>/checkpoints/step_N).
+    for root in (pre.run, Storage(pre.checkpoint.root.rsplit("/", 2)[0], pre.checkpoint.options)):
+        if root.is_local and _inside(out_dir, Path(root.root)):
+            raise ConfigError("OUT_DIR", f"{out_dir} is inside the run at {root.root}: exporting there would write "
+                                         "over the run's files; choose a directory outside the run")
+    model_cfg = pre.arch
     # Full weights; a LoRA run's adapters are merged into its base here.
-    weights = pretrained.load_weights(pretrained.locate(str(ckpt)))
+    weights = pretrained.load_weights(pre)
     if model_cfg["tie_embeddings"]:
         weights.pop("output.weight", None)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({hf_name(k): v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
-    eos_id = Tokenizer.from_file(str(tok_file)).token_to_id(EOS)
+    eos_id = Tokenizer.from_file(pre.tokenizer_path).token_to_id(EOS)
     (out_dir / "config.json").write_text(json.dumps(hf_config(model_cfg, eos_id), indent=1))
-    shutil.copyfile(tok_file, out_dir / "tokenizer.json")
+    shutil.copyfile(pre.tokenizer_path, out_dir / "tokenizer.json")
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS, "pad_token": EOS,
         "model_max_length": model_cfg["max_seq_len"], "clean_up_tokenization_spaces": False,
@@ -90,4 +103,4 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     (out_dir / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS, "bos_token": EOS,
                                                                   "pad_token": EOS}, indent=1))
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}))
-    return ckpt
+    return pre.checkpoint.root

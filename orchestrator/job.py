@@ -7,8 +7,9 @@ from orchestrator.clock import process_start_time
 from orchestrator.cluster import connect, device_type
 from orchestrator.config import JobConfig
 from orchestrator.controller import JobController
-from orchestrator.data import prepare
+from orchestrator.data import PreparedData, prepare, publish
 from orchestrator.metrics import Sink, default_sinks
+from orchestrator.storage import RunPlaces, Storage, places_of
 from orchestrator.worker_group import RayWorkerGroup
 
 
@@ -20,15 +21,31 @@ def pretrained_tokenizer(job: JobConfig) -> str | None:
     return pretrained.locate(job.model.init_from).tokenizer_path
 
 
+def data_storage(job: JobConfig, places: RunPlaces) -> Storage | None:
+    """Where the prepared data is published for the ranks: data.storage, else run.storage's data/
+    folder where the run has storage of its own, else nowhere (ranks read the driver's cache)."""
+    if job.data.storage:
+        return Storage.at(job.data.storage, dict(job.run.storage_options))
+    return places.storage.child("data") if places.separate_storage else None
+
+
+def prepare_data(job: JobConfig, places: RunPlaces) -> PreparedData:
+    data = prepare(job.data, job.model.vocab_size, tokenizer_path=pretrained_tokenizer(job))
+    store = data_storage(job, places)
+    return publish(data, store) if store is not None else data
+
+
 def run_job(job: JobConfig, command_start: float | None = None, sinks: list[Sink] | None = None) -> dict:
     """Runs ``job`` on the embedded cluster (or cluster.address) and returns its summary."""
     device = functools.cache(lambda: device_type(job.cluster))  # asked once Ray is connected
+    places = places_of(job)
     controller = JobController(
         job,
         make_group=lambda: RayWorkerGroup(job.cluster, job.cluster.num_workers, device(), job.run.name),
-        prepare_data=lambda: prepare(job.data, job.model.vocab_size, tokenizer_path=pretrained_tokenizer(job)),
-        sinks=default_sinks(job, job.run.dir) if sinks is None else sinks,
+        prepare_data=lambda: prepare_data(job, places),
+        sinks=default_sinks(job, places) if sinks is None else sinks,
         command_start=process_start_time() if command_start is None else command_start,
         connect=lambda: connect(job.cluster),
+        places=places,
     )
     return controller.run()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from orchestrator.config import CONF_DIR
 from orchestrator.errors import ConfigError
+from orchestrator.storage import RunPlaces
 
 ROOT = CONF_DIR.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -130,7 +131,7 @@ def job_info(c, job_id: str):
 def read_status(run_dir: str | None) -> dict:
     """The controller's status.json, or {} where it is not (yet) readable from here."""
     try:
-        return json.loads((Path(run_dir) / "status.json").read_text()) if run_dir else {}
+        return json.loads(RunPlaces.of(run_dir).status_file.read_text()) if run_dir else {}
     except (OSError, ValueError):
         return {}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from orchestrator.config import JobConfig
+from orchestrator.storage import RunPlaces
 
 # Steps excluded from the throughput median (start-up, allocator warm-up).
 WARMUP_STEPS = 2
@@ -30,9 +31,8 @@ class Sink(Protocol):
     def finish(self, summary: dict) -> None: ...
 
 
-def read_history(run_dir: str | Path, upto_step: int) -> list[dict]:
-    """Metrics already in ``run_dir`` for steps 1..upto_step (a resumed run continues them)."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_history(path: Path, upto_step: int) -> list[dict]:
+    """Metrics already in a run's metrics.jsonl for steps 1..upto_step (a resumed run continues them)."""
     if upto_step <= 0 or not path.exists():
         return []
     by_step: dict[int, dict] = {}
@@ -47,8 +47,8 @@ def read_history(run_dir: str | Path, upto_step: int) -> list[dict]:
 class JsonlSink:
     """``metrics.jsonl``: one JSON object per step, rewritten on resume to the checkpoint's history."""
 
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, path: Path):
+        self.path = path
         self._f = None
 
     def start(self, history: list[dict]) -> None:
@@ -101,9 +101,9 @@ class ProgressSink:
 class WandbSink:
     """One wandb run per job; offline by default (``wandb sync`` uploads it later)."""
 
-    def __init__(self, job: JobConfig, run_dir: str | Path):
+    def __init__(self, job: JobConfig, run_dir: Path):
         self.job = job
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir
         self.run = None
 
     def start(self, history: list[dict]) -> None:
@@ -141,8 +141,8 @@ class TensorBoardSink:
     Written with the tensorboard package's own event writer: torch's SummaryWriter would import
     torch into the driver (a second of CPU, taken from the ranks right after step 1)."""
 
-    def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir) / "tensorboard"
+    def __init__(self, directory: Path):
+        self.dir = directory
         self.writer = None
 
     def _open(self, purge_after: int | None) -> None:
@@ -197,8 +197,8 @@ def per_rank_memory(summary: dict) -> dict[str, list]:
 class ReportSink:
     """``report.png`` at the end of the job: loss and tokens/s over steps, memory per rank."""
 
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, path: Path):
+        self.path = path
         self.history: list[dict] = []
 
     def start(self, history: list[dict]) -> None:
@@ -213,7 +213,7 @@ class ReportSink:
     def finish(self, summary: dict) -> None:
         from orchestrator.plots import job_report
 
-        job_report(self.history, summary, self.run_dir / "report.png")
+        job_report(self.history, summary, self.path)
 
 
 class RayMetricsSink:
@@ -246,7 +246,7 @@ class RayMetricsSink:
         pass
 
 
-def write_status(job: JobConfig, state: str, history: list[dict], restarts: int) -> None:
+def write_status(path: Path, job: JobConfig, state: str, history: list[dict], restarts: int) -> None:
     """``status.json``: the job's state and latest step, replaced atomically (readers never see half)."""
     last = history[-1] if history else {}
     recent = [m["step_time_s"] for m in history[-10:]]
@@ -257,17 +257,17 @@ def write_status(job: JobConfig, state: str, history: list[dict], restarts: int)
         "tokens_per_s": last.get("tokens_per_s"), "restarts": restarts, "updated": time.time(),
         "eta_s": statistics.median(recent) * (job.trainer.max_steps - step) if recent else None,
     }
-    path = Path(job.run.dir) / "status.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(status))
     os.replace(tmp, path)
 
 
-def default_sinks(job: JobConfig, run_dir: str | Path) -> list[Sink]:
-    sinks: list[Sink] = [JsonlSink(run_dir), ProgressSink(job.trainer.max_steps, job.logging.progress),
-                         TensorBoardSink(run_dir), ReportSink(run_dir), RayMetricsSink(job.run.name)]
+def default_sinks(job: JobConfig, places: RunPlaces) -> list[Sink]:
+    sinks: list[Sink] = [JsonlSink(places.metrics_file), ProgressSink(job.trainer.max_steps, job.logging.progress),
+                         TensorBoardSink(places.tensorboard_dir), ReportSink(places.report_file),
+                         RayMetricsSink(job.run.name)]
     if job.logging.wandb.mode != "disabled":
-        sinks.append(WandbSink(job, run_dir))
+        sinks.append(WandbSink(job, Path(places.dir)))
     return sinks
 
 
@@ -281,6 +281,23 @@ def memory_summary(per_rank: list[dict]) -> dict:
            "per_rank": per_rank}
     if per_rank and "formula_bytes_without_master_copy" in per_rank[0]:
         out["zero_formula_bytes_without_master_copy"] = per_rank[0]["formula_bytes_without_master_copy"]
+    return out
+
+
+def checkpoint_summary(per_rank: list[list[dict]]) -> list[dict]:
+    """One entry per checkpoint saved in the last attempt: seconds training was blocked (the most
+    any rank was), total seconds (rank 0, up to its manifest), bytes each rank wrote and held, and
+    the save's peak memory above what rank 0 held when it began."""
+    out = []
+    for i, first in enumerate(per_rank[0] if per_rank else []):
+        records = [r[i] for r in per_rank if i < len(r)]
+        out.append({"step": first["step"], "async": first["async"],
+                    "blocked_s": max(r["blocked_s"] for r in records), "total_s": first.get("total_s"),
+                    "bytes_written_per_rank": [r.get("bytes_written") for r in records],
+                    "held_bytes_per_rank": [r["held_bytes"] for r in records],
+                    "staged_bytes_per_rank": [r["staged_bytes"] for r in records],
+                    "rss_growth_bytes_rank0": first.get("rss_growth_bytes"),
+                    "peak_extra_bytes_rank0": first.get("peak_extra_bytes")})
     return out
 
 
@@ -331,6 +348,7 @@ def build_summary(job: JobConfig, status: str, history: list[dict], run_metrics:
         "cores_per_rank": [o.get("cores") for o in outcomes],
         "nice_per_rank": [o.get("nice") for o in outcomes],
         "memory": memory_summary([o["memory"] for o in outcomes]),
+        "checkpoints": checkpoint_summary([o.get("checkpoints") or [] for o in outcomes]),
         "eval": last_eval(history),
         "restarts": restarts,
         "error": error,

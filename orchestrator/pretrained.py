@@ -11,11 +11,13 @@ import functools
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import checkpoint
 from orchestrator.errors import ConfigError
+from orchestrator.storage import CHECKPOINTS, JOB_FILE, TOKENIZER_FILE, Storage
 
 KEY = "model.init_from"
 # Our ModelConfig field -> Hugging Face LlamaConfig field.
@@ -30,9 +32,11 @@ EXACT = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "t
 class Pretrained:
     path: str
     kind: str  # "checkpoint" (ours) | "huggingface"
-    weight_files: tuple[str, ...]
-    tokenizer_path: str
-    arch: dict  # our ModelConfig fields
+    tokenizer_path: str  # a local file (a run on an object store has its tokenizer copied here)
+    arch: dict  # our ModelConfig fields (a run's whole model config)
+    weight_files: tuple[str, ...] = ()  # huggingface: safetensors files
+    checkpoint: Storage | None = None  # ours: the checkpoint folder
+    run: Storage | None = None  # ours: the run's directory or storage root
     # A LoRA run's checkpoint holds adapters only: its base weights and finetune.lora options.
     base: str | None = None
     lora: dict | None = None
@@ -40,35 +44,56 @@ class Pretrained:
 
 @functools.lru_cache(maxsize=8)
 def locate(path: str) -> Pretrained:
-    """What ``path`` holds. Cached per process: the driver asks while validating and again for
-    the tokenizer, and choosing a run's checkpoint hashes its files."""
+    """What ``path`` (a local path, or a URL of a run's storage or checkpoint) holds. Cached per
+    process: the driver asks while validating and again for the tokenizer, and choosing a run's
+    checkpoint hashes its files."""
+    where = Storage.at(path)
+    try:
+        if where.exists(JOB_FILE):  # a run directory or a run's storage: its newest verified checkpoint
+            job = json.loads(where.read_text(JOB_FILE))
+            ckpt = checkpoint.latest(run_checkpoints(where, job))
+            if ckpt is None:
+                raise ConfigError(KEY, f"{path} is a run without a verified checkpoint")
+            return _ours(path, where, job, ckpt)
+        if where.exists(checkpoint.MANIFEST):  # one checkpoint: <run>/checkpoints/step_N
+            problems = checkpoint.verify(where)
+            if problems:
+                raise ConfigError(KEY, f"{path}: {'; '.join(problems)}")
+            run = Storage(where.root.rsplit("/", 2)[0], where.options)
+            if not run.exists(JOB_FILE):
+                raise ConfigError(KEY, f"{path}: the run's {JOB_FILE} is not at {run.url(JOB_FILE)}")
+            return _ours(path, run, json.loads(run.read_text(JOB_FILE)), where)
+    except OSError as exc:
+        raise ConfigError(KEY, f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
     root = Path(os.path.expanduser(path))
-    if (root / "job.json").is_file():  # a run directory: its newest verified checkpoint
-        ckpt = checkpoint.latest(root)
-        if ckpt is None:
-            raise ConfigError(KEY, f"{path} is a run directory without a verified checkpoint")
-        return _ours(path, root, ckpt)
-    if (root / "trainer.json").is_file() and (root / "model.safetensors").is_file():  # one checkpoint
-        problems = checkpoint.verify(root)
-        if problems:
-            raise ConfigError(KEY, f"{path}: {'; '.join(problems)}")
-        return _ours(path, root.parent.parent, root)
-    if (root / "config.json").is_file():
+    if where.is_local and (root / "config.json").is_file():
         return _huggingface(path, root)
     raise ConfigError(KEY, f"{path} is not a run directory, a checkpoint directory or a Hugging Face model "
                            "directory (config.json with safetensors weights)")
 
 
-def _ours(path: str, run_dir: Path, ckpt: Path) -> Pretrained:
-    tokenizer = run_dir / "tokenizer.json"
-    if not tokenizer.is_file():
-        raise ConfigError(KEY, f"{path}: the run's tokenizer.json is missing")
-    job = json.loads((run_dir / "job.json").read_text())
+def run_checkpoints(run: Storage, job: dict) -> Storage:
+    """A run's checkpoints: in its run.storage where it had one, else below the run itself."""
+    run_cfg = job.get("run", {})
+    if run_cfg.get("storage"):
+        return Storage.at(run_cfg["storage"], run_cfg.get("storage_options") or {}).child(CHECKPOINTS)
+    return run.child(CHECKPOINTS)
+
+
+def _ours(path: str, run: Storage, job: dict, ckpt: Storage) -> Pretrained:
+    if not run.exists(TOKENIZER_FILE):
+        raise ConfigError(KEY, f"{path}: the run's {TOKENIZER_FILE} is missing")
+    if run.is_local:
+        tokenizer = run.url(TOKENIZER_FILE)
+    else:  # a local copy: tokenizers reads files
+        folder = Path(tempfile.mkdtemp(prefix="forgeline-tokenizer-"))
+        run.download(folder / TOKENIZER_FILE, TOKENIZER_FILE)
+        tokenizer = str(folder / TOKENIZER_FILE)
     lora = job.get("finetune", {}).get("lora", {})
     if lora.get("rank"):
-        return Pretrained(path, "checkpoint", (str(ckpt / "model.safetensors"),), str(tokenizer), job["model"],
+        return Pretrained(path, "checkpoint", tokenizer, job["model"], checkpoint=ckpt, run=run,
                           base=job["model"]["init_from"], lora=lora)
-    return Pretrained(path, "checkpoint", (str(ckpt / "model.safetensors"),), str(tokenizer), job["model"])
+    return Pretrained(path, "checkpoint", tokenizer, job["model"], checkpoint=ckpt, run=run)
 
 
 def _huggingface(path: str, root: Path) -> Pretrained:
@@ -92,7 +117,7 @@ def _huggingface(path: str, root: Path) -> Pretrained:
     head_dim = cfg.get("head_dim")
     if head_dim and head_dim * arch["n_heads"] != arch["dim"]:
         raise ConfigError(KEY, f"{path}: head_dim {head_dim} * heads {arch['n_heads']} != hidden size {arch['dim']}")
-    return Pretrained(path, "huggingface", tuple(files), str(root / "tokenizer.json"), arch)
+    return Pretrained(path, "huggingface", str(root / "tokenizer.json"), arch, weight_files=tuple(files))
 
 
 def check(pre: Pretrained, model) -> None:
@@ -114,12 +139,16 @@ def check(pre: Pretrained, model) -> None:
 
 
 def load_weights(pre: Pretrained) -> dict:
-    """Full tensors under our parameter names."""
+    """Full tensors under our parameter names (a checkpoint's weights only, not its optimizer)."""
     from safetensors.torch import load_file
 
     from orchestrator.export import hf_name
 
     weights: dict = {}
+    if pre.checkpoint is not None:
+        from orchestrator import dcp
+
+        weights = dcp.read_full(pre.checkpoint.root, dict(pre.checkpoint.options), "model.")
     for f in pre.weight_files:
         weights.update(load_file(f))
     if pre.lora:  # adapters: fold them into their base

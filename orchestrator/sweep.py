@@ -14,6 +14,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from orchestrator.storage import SUMMARY_FILE
+
 COLUMNS = ("job", "overrides", "strategy", "workers", "status", "final_loss", "tokens_per_s", "model_states_mib",
            "wall_s")
 
@@ -25,7 +27,7 @@ def _overrides(job_dir: Path) -> list[str]:
 
 def comparison_rows(sweep_dir: Path) -> list[dict]:
     """One row per job; ``overrides`` holds only what differs between the jobs (the sweep's axes)."""
-    paths = sorted(sweep_dir.glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+    paths = sorted(sweep_dir.glob(f"*/{SUMMARY_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name))
     per_job = [_overrides(p.parent) for p in paths]
     shared = set.intersection(*(set(o) for o in per_job)) if len(per_job) > 1 else set()
     rows = []

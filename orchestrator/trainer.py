@@ -5,19 +5,18 @@ reports one metrics dict per step through ``report``; only rank 0 reports.
 """
 from __future__ import annotations
 
-import resource
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Generator
 
 import torch
 
 import strategies
-from orchestrator import checkpoint
+from orchestrator import checkpoint, memory
 from orchestrator.config import JobConfig
 from orchestrator.data import BlockSampler, PreparedData, open_blocks
 from orchestrator.models import Llama, LlamaArgs, num_params
+from orchestrator.storage import RunPlaces, Storage
 from strategies.base import EngineContext
 
 
@@ -37,7 +36,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return memory.lifetime_peak_bytes()
 
 
 @dataclass
@@ -49,15 +48,18 @@ class TrainOutcome:
     peak_rss_bytes: int
     memory: dict
     trainable_params: int
+    # Per checkpoint this rank saved: step, blocked_s, total_s, bytes_written, held_bytes (and on
+    # rank 0 peak_extra_bytes); see orchestrator.checkpoint.Checkpointer.
+    checkpoints: list = field(default_factory=list)
 
 
 class Trainer:
-    def __init__(self, job: JobConfig, rank: int, world_size: int, device: torch.device, data: PreparedData,
-                 resume_from: str | None):
+    def __init__(self, job: JobConfig, places: RunPlaces, run_id: str, rank: int, world_size: int,
+                 device: torch.device, data: PreparedData, resume_from: Storage | None):
         self.job = job
         self.rank = rank
         self.device = device
-        self.run_dir = job.run.dir
+        self.run_id = run_id
         strategy = strategies.get(job.strategy.name)
         self.topology = strategy.topology(job.strategy, world_size)
         torch.manual_seed(job.seed)
@@ -80,8 +82,10 @@ class Trainer:
         )
         self.step = 0
         self._weights: dict = {}
+        self.checkpointer = checkpoint.Checkpointer(places, rank, job.trainer.checkpoint_async,
+                                                    job.trainer.keep_checkpoints, run_id)
         if resume_from:
-            self._restore(Path(resume_from))
+            self._restore(resume_from)
         elif job.model.init_from:
             self._init_from(job.model.init_from)
 
@@ -93,17 +97,18 @@ class Trainer:
     def _init_from(self, path: str) -> None:
         """Pretrained weights, with a fresh optimizer and schedule (a resume restores those too).
         A LoRA job's adapters keep their initialization."""
-        self.engine.load_state_dict({"model": self._pretrained_weights(), "exp_avg": {}, "exp_avg_sq": {},
-                                     "optimizer_step": 0, "scheduler": None})
+        self.engine.load_weights(self._pretrained_weights())
 
-    def _restore(self, path: Path) -> None:
-        state = checkpoint.read_trainer_state(path)
-        engine_state = checkpoint.load_engine_state(path)
+    def _restore(self, ckpt: Storage) -> None:
+        """Every rank reads its own part of the checkpoint, in this job's layout."""
+        state = checkpoint.read_trainer_state(ckpt)
         if self.job.finetune.lora.rank:  # the checkpoint holds the adapters; the base is model.init_from
-            engine_state["model"] = {**self._pretrained_weights(), **engine_state["model"]}
-        self.engine.load_state_dict(engine_state)
+            self.engine.load_weights(self._pretrained_weights())
+        self.engine.prepare_load()
+        checkpoint.load(ckpt, self.engine.checkpoint_state())
+        self.engine.finish_load({"optimizer_step": state.optimizer_step, "scheduler": state.scheduler})
         self.sampler.load_state_dict(state.sampler)
-        checkpoint.load_rng(path, self.rank)
+        checkpoint.load_rng(ckpt, self.rank)
         self.step = state.step
 
     def _batches(self, block_ids) -> list:
@@ -114,15 +119,13 @@ class Trainer:
         return out
 
     def save(self) -> None:
-        state = self.engine.state_dict()
-        if self.rank == 0 and self.engine.generation_model() is None:
-            self._weights = state["model"]  # for the text sample of a sharded model
-        checkpoint.save(
-            self.run_dir, self.step, self.rank, state,
-            checkpoint.TrainerState(step=self.step, sampler=self.sampler.state_dict(),
-                                    world_size=self.topology.world_size, strategy=self.job.strategy.name),
-            keep=self.job.trainer.keep_checkpoints,
-        )
+        """Collective: every rank hands its part of the state to the checkpointer, which writes it
+        in the background (trainer.checkpoint_async) or now."""
+        counters = self.engine.counters()
+        self.checkpointer.save(self.step, self.engine.checkpoint_state(), checkpoint.TrainerState(
+            step=self.step, sampler=self.sampler.state_dict(), world_size=self.topology.world_size,
+            strategy=self.job.strategy.name, optimizer_step=counters["optimizer_step"],
+            scheduler=counters["scheduler"], run_id=self.run_id))
 
     def evaluate(self) -> dict[str, float]:
         """The held-out split, as many whole rounds of micro-batches over the data-parallel ranks
@@ -181,9 +184,13 @@ class Trainer:
                 break
         if saved_at != self.step:
             self.save()
+        self.checkpointer.close()  # the last save is published before the job reports success
+        if self.job.trainer.sample_tokens and self.engine.generation_model() is None:
+            weights = self.engine.gather_weights()  # collective; whole on rank 0, for the text sample
+            self._weights = weights if self.rank == 0 else {}
         return TrainOutcome(rank=self.rank, first_step=first_step, last_step=self.step, exited_early=exited_early,
                             peak_rss_bytes=peak_rss_bytes(), memory=self.engine.memory_report(),
-                            trainable_params=self.n_trainable)
+                            trainable_params=self.n_trainable, checkpoints=list(self.checkpointer.records))
 
     def publish_weights(self) -> dict:
         """Full weights to the inference pool (collective: the state is gathered on rank 0).
@@ -191,7 +198,7 @@ class Trainer:
         from orchestrator import lora
         from orchestrator.inference.server import publish
 
-        weights = self.engine.state_dict()["model"]
+        weights = self.engine.gather_weights()
         if self.rank != 0:
             return {}
         if self.job.finetune.lora.rank:
@@ -223,7 +230,10 @@ class Trainer:
                 model = Llama(model_args(self.job))
             model = model.to_empty(device=self.device)
             model.init_buffers()  # the rope tables are not in a state dict
-            model.load_state_dict(self._weights)
+            weights = dict(self._weights)
+            if self.job.model.tie_embeddings:  # one parameter under two names
+                weights.setdefault("output.weight", weights["tok_embeddings.weight"])
+            model.load_state_dict(weights)
         tok = Tokenizer.from_file(tokenizer_path)
         ids = sample(model, tok.encode(prompt).ids, max_new_tokens, self.job.model.max_seq_len,
                      temperature=temperature, seed=self.job.seed, stop_id=tok.token_to_id("<|endoftext|>"))

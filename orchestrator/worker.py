@@ -11,11 +11,27 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import asdict
+import uuid
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 from orchestrator.config import JobConfig
-from orchestrator.data import PreparedData
+from orchestrator.data import PreparedData, localize
+from orchestrator.storage import RunPlaces, Storage, apply_env
+
+
+@dataclass(frozen=True)
+class AccessProblem:
+    """A rank that cannot read the job's data or write its storage: the config key to fix."""
+
+    key: str
+    rank: int
+    node: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} on node {self.node} cannot {self.reason}"
 
 
 def free_port() -> int:
@@ -53,6 +69,7 @@ class TrainWorker:
         self.trainer = None
         self.tokenizer_path = ""
         self.cores: list[int] | None = None
+        self.data: PreparedData | None = None
 
     def __repr__(self) -> str:  # shown by Ray's logs and dashboard
         return f"TrainWorker(rank={self.rank})"
@@ -62,10 +79,35 @@ class TrainWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None, master_addr: str, master_port: int,
-              device_type: str, timeout_s: float, local: tuple[int, int] | None = None) -> int:
-        """``local``: (this rank's index among the job's ranks on its node, their number), given
-        when the rank's process is to be bound to cores of its own (CPU ranks only)."""
+    def check_access(self, job: JobConfig, places: RunPlaces, data: PreparedData) -> list[AccessProblem]:
+        """Before any collective: this rank's node can read the data (a published copy is
+        downloaded to the node's cache now) and write the run's storage. Returns what it cannot."""
+        import ray
+
+        apply_env(places.env)
+        node = f"{ray.util.get_node_ip_address()} (Ray node {ray.get_runtime_context().get_node_id()[:8]})"
+        problems = []
+        data_key = "data.storage" if job.data.storage else "run.storage"
+        try:
+            self.data = localize(data, job.data.cache_dir)
+        except Exception as exc:
+            where = data.remote.root if data.remote else data.tokens_path
+            hint = ("" if data.remote else "; without run.storage the ranks read the driver's own files: set "
+                    "run.storage to a path every node mounts or an object store such as s3://bucket/prefix")
+            problems.append(AccessProblem(data_key, self.rank, node, where, f"read the prepared data at {where}: "
+                                                                            f"{type(exc).__name__}: {exc}{hint}"))
+        try:
+            places.storage.probe_write(f"rank{self.rank}-{uuid.uuid4().hex[:8]}")
+        except Exception as exc:
+            problems.append(AccessProblem("run.storage", self.rank, node, places.storage.root,
+                                          f"write the run's storage at {places.storage.root}: "
+                                          f"{type(exc).__name__}: {exc}"))
+        return problems
+
+    def setup(self, job: JobConfig, places: RunPlaces, run_id: str, resume_from: Storage | None, master_addr: str,
+              master_port: int, device_type: str, timeout_s: float, local: tuple[int, int] | None = None) -> int:
+        """After check_access. ``local``: (this rank's index among the job's ranks on its node, their
+        number), given when the rank's process is to be bound to cores of its own (CPU ranks only)."""
         import torch
         import torch.distributed as dist
 
@@ -89,8 +131,8 @@ class TrainWorker:
                 backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s),
             )
-        self.tokenizer_path = data.tokenizer_path
-        self.trainer = Trainer(job, self.rank, self.world_size, device, data, resume_from)
+        self.tokenizer_path = self.data.tokenizer_path
+        self.trainer = Trainer(job, places, run_id, self.rank, self.world_size, device, self.data, resume_from)
         return self.trainer.step
 
     def train(self):

@@ -10,6 +10,8 @@ from typing import Protocol
 
 from orchestrator.config import ClusterConfig, JobConfig
 from orchestrator.data import PreparedData
+from orchestrator.errors import ConfigError
+from orchestrator.storage import RunPlaces, Storage
 
 
 class WorkerFailure(RuntimeError):
@@ -21,8 +23,10 @@ class WorkerFailure(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None) -> int:
-        """Rendezvous and build every rank's trainer, restored from the checkpoint directory
+    def setup(self, job: JobConfig, places: RunPlaces, run_id: str, data: PreparedData,
+              resume_from: Storage | None) -> int:
+        """Check that every rank reaches the data and storage (ConfigError naming the key, node
+        and path if not), rendezvous and build every rank's trainer, restored from the checkpoint
         ``resume_from`` if given; returns the step training resumes from."""
 
     def start_training(self) -> None: ...
@@ -80,17 +84,23 @@ class RayWorkerGroup:
         except (RayActorError, RayTaskError) as exc:
             raise WorkerFailure(f"{what} failed: {exc}") from exc
 
-    def setup(self, job: JobConfig, data: PreparedData, resume_from: str | None) -> int:
+    def setup(self, job: JobConfig, places: RunPlaces, run_id: str, data: PreparedData,
+              resume_from: Storage | None) -> int:
         timeout = self.cluster.start_timeout_s
         if not self.pg.wait(timeout_seconds=int(timeout)):
             raise WorkerFailure(
                 f"could not reserve {self.world_size} bundles of {self.pg.bundle_specs[0]} within {timeout:.0f}s; "
                 "check cluster.num_workers, cluster.cpus_per_worker and the cluster's free resources"
             )
+        problems = [p for found in self._get([a.check_access.remote(job, places, data) for a in self.actors],
+                                             "storage and data access check")
+                    for p in found]
+        if problems:
+            raise ConfigError(problems[0].key, "; ".join(str(p) for p in problems))
         addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous", timeout)
         local = self._local_ranks() if self._binds_cores() else [None] * self.world_size
         steps = self._get(
-            [a.setup.remote(job, data, resume_from, addr, port, self.device_type, timeout, local[rank])
+            [a.setup.remote(job, places, run_id, resume_from, addr, port, self.device_type, timeout, local[rank])
              for rank, a in enumerate(self.actors)],
             "worker setup",
         )

@@ -59,12 +59,28 @@ class Engine(Protocol):
     # the model's greedy choice (where the engine sees whole logits; else absent)}.
     def eval_step(self, micro_batches: list[Batch]) -> dict[str, float]: ...
 
-    # The canonical, layout-independent training state (see orchestrator.checkpoint):
-    # {"model", "exp_avg", "exp_avg_sq": name -> full tensor, "optimizer_step": int,
-    #  "scheduler": dict}. Collective: every rank calls it; rank 0's copy is complete.
-    def state_dict(self) -> dict: ...
+    # The training state as checkpoint entries (see orchestrator.dcp): "model.<name>" for every
+    # weight a checkpoint holds (a LoRA job's adapters only) and "optim.exp_avg.<name>",
+    # "optim.exp_avg_sq.<name>" for every trainable parameter, keyed by the single-device model's
+    # names whatever the layout. Each is this rank's part only (a plain tensor where replicated, a
+    # DTensor, or orchestrator.dcp.Chunks) and a view of the live state: loading writes into it.
+    def checkpoint_state(self) -> dict: ...
 
-    def load_state_dict(self, state: dict) -> None: ...
+    # What a checkpoint keeps besides tensors: {"optimizer_step": int, "scheduler": dict}.
+    def counters(self) -> dict: ...
+
+    # Before a checkpoint is loaded into a fresh engine: creates the optimizer state to load into.
+    def prepare_load(self) -> None: ...
+
+    # After: optimizer step counts and schedule from ``counters``, working copies from the loaded state.
+    def finish_load(self, counters: dict) -> None: ...
+
+    # Whole pretrained weights (name -> full tensor, every rank): the model's weights only.
+    def load_weights(self, weights: dict) -> None: ...
+
+    # The whole weights, complete on rank 0 (collective): for the end-of-job text sample and the
+    # weight push to an inference pool of a model no rank holds whole. Not used by checkpoints.
+    def gather_weights(self) -> dict: ...
 
     def memory_report(self) -> dict: ...
 
@@ -232,29 +248,46 @@ class TorchEngine:
         finally:
             self.module.train()
 
-    def state_dict(self) -> dict:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        exp_avg, exp_avg_sq, step = {}, {}, 0
-        for p, st in self.optimizer.state.items():
-            exp_avg[names[id(p)]] = st["exp_avg"]
-            exp_avg_sq[names[id(p)]] = st["exp_avg_sq"]
-            step = int(st["step"])
+    def _named(self):
+        """(name in the single-device model, parameter) for every parameter this rank holds."""
+        return self.model.named_parameters()
+
+    def checkpoint_state(self) -> dict:
         from orchestrator import lora
 
-        return {"model": lora.saved_weights(self.model, self.model.state_dict()), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-                "optimizer_step": step, "scheduler": self.scheduler.state_dict()}
+        out: dict = {}
+        saved = lora.saved_weights(self.model, dict(self._named()))
+        for name, p in self._named():
+            st = self.optimizer.state.get(p)
+            if name in saved:
+                out[f"model.{name}"] = p.detach()
+            if p.requires_grad and st:
+                out[f"optim.exp_avg.{name}"] = st["exp_avg"]
+                out[f"optim.exp_avg_sq.{name}"] = st["exp_avg_sq"]
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(model_weights(self.model, state["model"]), strict=False)
-        if state["optimizer_step"]:
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    self.optimizer.state[p] = {
-                        "step": torch.tensor(float(state["optimizer_step"])),
-                        "exp_avg": state["exp_avg"][name].to(p.device, p.dtype),
-                        "exp_avg_sq": state["exp_avg_sq"][name].to(p.device, p.dtype),
-                    }
-        restore_schedule(self.scheduler, state["scheduler"])
+    def counters(self) -> dict:
+        steps = [int(st["step"]) for st in self.optimizer.state.values() if "step" in st]
+        return {"optimizer_step": steps[0] if steps else 0, "scheduler": self.scheduler.state_dict()}
+
+    def prepare_load(self) -> None:
+        for _, p in self._named():
+            if p.requires_grad and not self.optimizer.state.get(p):
+                self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                           "exp_avg_sq": torch.zeros_like(p)}
+
+    def finish_load(self, counters: dict) -> None:
+        for st in self.optimizer.state.values():
+            st["step"] = torch.tensor(float(counters["optimizer_step"]))
+        restore_schedule(self.scheduler, counters["scheduler"])
+
+    def load_weights(self, weights: dict) -> None:
+        self.model.load_state_dict(model_weights(self.model, weights), strict=False)
+
+    def gather_weights(self) -> dict:
+        from orchestrator import lora
+
+        return lora.saved_weights(self.model, {name: p.detach() for name, p in self._named()})
 
     def memory_report(self) -> dict:
         params = tensor_bytes(self.params)

@@ -31,7 +31,7 @@ from torch.distributed.tensor.parallel import (
 from orchestrator.models import Llama, causal_lm_loss
 from strategies.base import (
     Batch, EngineContext, StepResult, TorchEngine, autocast, full_value, local_tensor, mean_over_group,
-    optimizer_state_bytes, restore_schedule, tensor_bytes, zero_formula,
+    optimizer_state_bytes, tensor_bytes, zero_formula,
 )
 from strategies.layout import Layout
 
@@ -192,8 +192,9 @@ SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1
 class MeshEngine(TorchEngine):
     """One or more model chunks (pipeline stages) of this rank, tensor- and data-parallel.
 
-    Without a pipeline it trains like TorchEngine (one chunk, micro-batches accumulated);
-    the state it hands to checkpoints is the canonical one: full tensors on rank 0."""
+    Without a pipeline it trains like TorchEngine (one chunk, micro-batches accumulated). Its
+    checkpoint entries are its parameters and moments as they are: DTensors (each rank's shard)
+    or, under a pipeline, the plain tensors of its stages."""
 
     def __init__(self, chunks: list[Llama], stage_ids: list[int], layout: Layout, mesh: DeviceMesh,
                  ctx: EngineContext):
@@ -226,20 +227,15 @@ class MeshEngine(TorchEngine):
         for chunk in self.chunks:
             yield from chunk.named_parameters()
 
-    def state_dict(self) -> dict:
-        model, exp_avg, exp_avg_sq, step = {}, {}, {}, 0
-        for name, p in self._named():
-            st = self.optimizer.state.get(p, {})
-            model[name] = full_value(p.detach())
-            exp_avg[name] = full_value(st["exp_avg"]) if st else torch.zeros_like(model[name])
-            exp_avg_sq[name] = full_value(st["exp_avg_sq"]) if st else torch.zeros_like(model[name])
-            step = int(st["step"]) if st else step
+    def gather_weights(self) -> dict:
+        """Whole weights on rank 0 (collective): each stage's tensors are made whole on its
+        pipeline rank, whose first rank sends them to rank 0."""
+        weights = {name: full_value(p.detach()) for name, p in self._named()}
         if self.layout.pp > 1:
-            self._gather_stages_to_rank0(model, exp_avg, exp_avg_sq)
-        return {"model": model, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "optimizer_step": step,
-                "scheduler": self.scheduler.state_dict()}
+            self._gather_stages_to_rank0(weights)
+        return weights
 
-    def _gather_stages_to_rank0(self, *dicts: dict) -> None:
+    def _gather_stages_to_rank0(self, weights: dict) -> None:
         """Sends every stage's full tensors from its pipeline rank's first rank to global rank 0,
         in an order all ranks derive from the model's structure."""
         rank = dist.get_rank()
@@ -248,28 +244,18 @@ class MeshEngine(TorchEngine):
             leader = (stage % self.layout.pp) * per_pp_rank
             if leader == 0 or rank not in (0, leader):
                 continue
-            ref = stage_module(self.chunks[0], self.layout, stage)
-            for d in dicts:
-                for name, p in ref.named_parameters():
-                    if rank == leader:
-                        dist.send(d[name].contiguous(), dst=0)
-                    else:
-                        buf = torch.empty(p.shape, dtype=torch.float32, device=self.ctx.device)
-                        dist.recv(buf, src=leader)
-                        d[name] = buf
+            for name, p in stage_module(self.chunks[0], self.layout, stage).named_parameters():
+                if rank == leader:
+                    dist.send(weights[name].contiguous(), dst=0)
+                else:
+                    buf = torch.empty(p.shape, dtype=torch.float32, device=self.ctx.device)
+                    dist.recv(buf, src=leader)
+                    weights[name] = buf
 
-    def load_state_dict(self, state: dict) -> None:
-        step = state["optimizer_step"]
-        with torch.no_grad():
-            for name, p in self._named():
-                p.copy_(to_layout(state["model"][name].to(self.ctx.device), p))
-                if step and p.requires_grad:
-                    self.optimizer.state[p] = {
-                        "step": torch.tensor(float(step)),
-                        "exp_avg": to_layout(state["exp_avg"][name].to(self.ctx.device), p),
-                        "exp_avg_sq": to_layout(state["exp_avg_sq"][name].to(self.ctx.device), p),
-                    }
-        restore_schedule(self.scheduler, state["scheduler"])
+    @torch.no_grad()
+    def load_weights(self, weights: dict) -> None:
+        for name, p in self._named():
+            p.copy_(to_layout(weights[name].to(self.ctx.device), p))
 
     def memory_report(self) -> dict:
         params = tensor_bytes(self.params)

@@ -151,25 +151,15 @@ def build_engine(cfg: Config, model, ctx) -> "ZeroEngine":
     return ZeroEngine(cfg, model, ctx)
 
 
-def skip_op_probe() -> None:
-    """DeepSpeed's torch backend, on creation, probes which of its C++ ops this machine can build
-    (compiler subprocesses) and JIT-compiles its shared-memory all-reduce, which only its
-    inference all-reduce uses: minutes of a 2-core machine's CPU in a fresh environment, for
-    nothing training calls. The probe's result is a module-level dict that DeepSpeed caches and
-    reads from there; an empty one marks no op as prebuilt or buildable."""
-    import deepspeed.ops
-
-    if "__compatible_ops__" not in vars(deepspeed.ops):
-        deepspeed.ops.__compatible_ops__ = {}
-
-
 class ZeroEngine:
     """The Engine interface over a DeepSpeed engine."""
 
     def __init__(self, cfg: Config, model, ctx):
         import deepspeed
 
-        skip_op_probe()
+        from strategies import deepspeed_compat as compat
+
+        compat.skip_op_probe()
 
         from orchestrator.optim import build_optimizer, build_scheduler
         from strategies.base import materialize
@@ -189,35 +179,10 @@ class ZeroEngine:
         self._states_linked = False
 
     def _link_states(self) -> None:
-        """Links parameters to their optimizer-state fragments once every group has state.
+        from strategies import deepspeed_compat as compat
 
-        DeepSpeed 0.19 (stage 1/2) links them after the first parameter group's first step,
-        before the other groups have any state: with two groups (decay, no decay) the
-        second stays unlinked and safe_get_full_optimizer_state fails."""
-        if self.stage in (1, 2):
-            self.optimizer._hp_optimizer_states_linked = False
-            self.optimizer._lazy_init_hp_params_optimizer_state()
+        compat.link_states(self.optimizer, self.stage)
         self._states_linked = True
-
-    def _ensure_optimizer_states(self) -> None:
-        """Creates AdamW's state (step 0, zero moments) as torch would at its first step,
-        so that a checkpoint's moments can be set before training resumes."""
-        import torch
-
-        for p in self._master_partitions():
-            if not self.base_optimizer.state.get(p):
-                self.base_optimizer.state[p] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-        self._link_states()
-
-    def _master_partitions(self) -> list:
-        """This rank's flat fp32 partitions, one per parameter group: what AdamW steps over."""
-        if self.stage == 3:
-            return list(self.optimizer.fp32_partitioned_groups_flat)
-        return list(self.optimizer.single_partition_of_fp32_groups)
 
     @property
     def base_optimizer(self):
@@ -262,84 +227,95 @@ class ZeroEngine:
         finally:
             self.engine.train()
 
-    def _named(self, remove_duplicate: bool = True):
-        return list(self.engine.module.named_parameters(remove_duplicate=remove_duplicate))
+    def _named(self):
+        return list(self.engine.module.named_parameters())
 
-    def state_dict(self) -> dict:
-        """Gathers full fp32 weights and AdamW moments (collective: every rank calls it)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    def checkpoint_state(self) -> dict:
+        """This rank's fragment of every trainable parameter's fp32 master copy and moments, as
+        Chunks over DeepSpeed's flat partitions (no gathering); a LoRA job's trainable parameters
+        are its adapters, the only weights its checkpoints hold."""
+        from orchestrator.dcp import Chunks
+        from strategies import deepspeed_compat as compat
 
-        from orchestrator import lora
-
-        full: dict = {}
-        model, exp_avg, exp_avg_sq = {}, {}, {}
-        adapted = lora.is_adapted(self.engine.module)
-        for name, p in self._named(remove_duplicate=False):
-            if adapted and not lora.is_adapter(name):
-                continue  # a LoRA job saves its adapters; the frozen base is its model.init_from
-            if id(p) not in full:
-                full[id(p)] = safe_get_full_fp32_param(p)
-            model[name] = full[id(p)]
+        out: dict = {}
         for name, p in self._named():
             if not p.requires_grad:
                 continue
-            exp_avg[name] = safe_get_full_optimizer_state(p, "exp_avg")
-            exp_avg_sq[name] = safe_get_full_optimizer_state(p, "exp_avg_sq")
-        steps = [int(st["step"]) for st in self.base_optimizer.state.values() if "step" in st]
-        return {"model": model, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-                "optimizer_step": steps[0] if steps else 0, "scheduler": self.scheduler.state_dict()}
+            shape = compat.parameter_shape(p)
+            frag = compat.local_fragment(self.optimizer, self.stage, p)
+            for key, view in [("model", None), ("optim.exp_avg", "exp_avg"), ("optim.exp_avg_sq", "exp_avg_sq")]:
+                if frag is None:
+                    out[f"{key}.{name}"] = Chunks(shape, [])
+                else:
+                    out[f"{key}.{name}"] = Chunks.of_flat_range(shape, frag.start,
+                                                                frag.master if view is None else frag.moments[view])
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
+    def counters(self) -> dict:
+        steps = [int(st["step"]) for st in self.base_optimizer.state.values() if "step" in st]
+        return {"optimizer_step": steps[0] if steps else 0, "scheduler": self.scheduler.state_dict()}
+
+    def prepare_load(self) -> None:
+        from strategies import deepspeed_compat as compat
+
+        compat.ensure_optimizer_states(self.optimizer, self.stage)
+        self._states_linked = True
+
+    def finish_load(self, counters: dict) -> None:
+        """The loaded master copies become the working weights (collective); counters and schedule."""
+        import torch
+
+        from strategies import deepspeed_compat as compat
+        from strategies.base import restore_schedule
+
+        compat.refresh_working_weights(self.optimizer, self.stage)
+        for st in self.base_optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.full_like(st["step"], float(counters["optimizer_step"])) if torch.is_tensor(
+                    st["step"]) else counters["optimizer_step"]
+        restore_schedule(self.scheduler, counters["scheduler"])
+
+    def gather_weights(self) -> dict:
+        """Full fp32 weights under the model's names, complete on rank 0 (collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from orchestrator import lora
+
+        weights = {name: safe_get_full_fp32_param(p) for name, p in self._named()
+                   if p.requires_grad or not lora.is_adapted(self.engine.module)}
+        return lora.saved_weights(self.engine.module, weights)
+
+    def load_weights(self, weights: dict) -> None:
+        """Whole weights (pretrained ones): into the working copies and, for trainable parameters,
+        the fp32 master partitions. Each parameter is whole on every rank one at a time."""
         import deepspeed
         import torch
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_fp32_param
 
-        from strategies.base import model_weights, restore_schedule
+        from strategies.base import model_weights
 
-        weights = model_weights(self.engine.module, state["model"])
+        weights = model_weights(self.engine.module, weights)
         named = [(name, p) for name, p in self._named() if name in weights]
-        # The working weights the forward pass uses...
         params = [p for _, p in named]
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.stage == 3 else nullcontext()
         with gather, torch.no_grad():
             for name, p in named:
                 p.data.copy_(weights[name].to(p.device, p.dtype))
-        # ...and the fp32 master partitions and moments the optimizer updates (trainable ones).
-        if state["optimizer_step"]:
-            self._ensure_optimizer_states()
         for name, p in named:
-            if not p.requires_grad:
-                continue
-            safe_set_full_fp32_param(p, weights[name].to(self.ctx.device, torch.float32))
-            if state["optimizer_step"]:
-                safe_set_full_optimizer_state(p, state["exp_avg"][name].to(self.ctx.device, torch.float32), "exp_avg")
-                safe_set_full_optimizer_state(p, state["exp_avg_sq"][name].to(self.ctx.device, torch.float32),
-                                              "exp_avg_sq")
-        for st in self.base_optimizer.state.values():
-            if "step" in st:
-                st["step"] = torch.full_like(st["step"], float(state["optimizer_step"])) if torch.is_tensor(
-                    st["step"]) else state["optimizer_step"]
-        restore_schedule(self.scheduler, state["scheduler"])
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, weights[name].to(self.ctx.device, torch.float32))
 
     def _measure_model_states(self) -> dict:
         """Bytes of parameters, gradients and optimizer state this rank holds, from the tensors."""
         from strategies.base import tensor_bytes
 
-        opt = self.optimizer
+        from strategies import deepspeed_compat as compat
+
         params = [p for _, p in self._named()]
         full_grads = tensor_bytes(p.grad for p in params)  # unreduced gradients, where still held
-        if self.stage == 3:
-            working = tensor_bytes(p.ds_tensor for p in params)
-            master = tensor_bytes(self._master_partitions())
-            partitions = getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition").values()
-        else:
-            working = tensor_bytes(params)
-            master = tensor_bytes(self._master_partitions())
-            if opt.cpu_offload:  # reduced partitions accumulate on the CPU master partitions
-                partitions = [g.grad for g in opt.single_partition_of_fp32_groups]
-            else:
-                partitions = [g for group in opt.averaged_gradients.values() for g in (group or [])]
-        grads = full_grads + tensor_bytes(partitions)
+        working = tensor_bytes(p.ds_tensor for p in params) if self.stage == 3 else tensor_bytes(params)
+        master = tensor_bytes(compat.master_partitions(self.optimizer, self.stage))
+        grads = full_grads + tensor_bytes(compat.gradient_partitions(self.optimizer, self.stage))
         moments = tensor_bytes(v for st in self.base_optimizer.state.values() for k, v in st.items()
                                if k in ("exp_avg", "exp_avg_sq"))
         return {"params_bytes": working, "grads_bytes": grads, "master_params_bytes": master,

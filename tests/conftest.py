@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray cluster per test session, one data cache, tiny jobs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,43 @@ def ray_cluster():
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """This process's environment with ``values`` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One real S3 server (SeaweedFS on 127.0.0.1) for the whole session, its endpoint and
+    credentials in this process's environment (where s3fs looks, and what jobs forward to ranks)."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"), bucket="forgeline").start()
+    try:
+        with environment(server.env()):
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(s3, request):
+    """A fresh prefix of the session's bucket for this test."""
+    import uuid
+
+    return f"s3://{s3.bucket}/{request.node.name.split('[')[0][:40]}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def test_train_command_end_to_end(tmp_path, data_cache):
     assert Tokenizer.from_file(str(run_dir / "tokenizer.json")).get_vocab_size() == 512  # saved with the run
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006"]
-    assert (run_dir / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_00000006" / "manifest.json").is_file()
 
     # wandb wrote an offline run that `wandb sync` can upload later.
     offline = list((run_dir / "wandb").glob("offline-run-*"))

@@ -1,6 +1,11 @@
-"""Real Ray clusters started with `ray start` on 127.0.0.1: a head and a second node with a
-custom resource. Jobs go through the Ray Jobs API (launch.submit/status/logs/stop), and a
-2-rank job spread over both nodes trains to the same losses as one packed on one node."""
+"""Real Ray clusters started with `ray start` on 127.0.0.1: a head, and a second node started in a
+mount namespace of its own, where tmpfs hides the driver's data cache and run directories (the
+whole pytest temp root): it shares no disk with the driver, like a second machine. Jobs keep
+their checkpoints and prepared data on a real S3 server. Jobs go through the Ray Jobs API
+(launch.submit/status/logs/stop); a 2-rank job spread over both nodes trains to the same losses
+as one packed on one node, restarts by itself from the object store when its rank on the second
+node is SIGKILLed, and is exported from there; without storage both nodes reach, the second
+node's rank is refused with one clear error."""
 from __future__ import annotations
 
 import json
@@ -18,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import jobs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, environment
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -37,15 +42,30 @@ PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--metrics-export-
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
 
 
-def start_node(args: list[str], log: Path) -> tuple[subprocess.Popen, dict[str, int]]:
+def start_node(args: list[str], log: Path, prefix: tuple[str, ...] = (),
+               env: dict | None = None) -> tuple[subprocess.Popen, dict[str, int]]:
     """`ray start --block`: the node lives as long as this process; SIGTERM stops all of it.
     Every port is chosen free, so these nodes never collide with the test session's cluster."""
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1",
+    env = {**(os.environ if env is None else env), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*prefix, RAY, "start", "--block", "--node-ip-address=127.0.0.1",
                              *(f"{k}={v}" for k, v in ports.items()), *args],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, ports
+
+
+def unshared(hidden: list[Path]) -> tuple[str, ...]:
+    """A command prefix: a mount namespace of its own in which each of ``hidden`` is an empty tmpfs."""
+    mounts = " && ".join(f'mount -t tmpfs node2 "${i + 1}"' for i in range(len(hidden)))
+    return ("unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && shift {len(hidden)} && exec "$@"',
+            "sh", *map(str, hidden))
+
+
+def can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def stop_node(proc: subprocess.Popen) -> None:
@@ -59,20 +79,16 @@ def stop_node(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3):
     """A head (2 CPUs) and a second node (1 CPU, custom resource "node2"), both on 127.0.0.1,
     with Ray's token authentication on: a fresh token, given to the nodes and to every
-    client this module starts through the environment (no token file is written)."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    try:
+    client this module starts through the environment (no token file is written). The second
+    node runs without the driver's disk (see ``unshared``) and without the object store's
+    credentials: its ranks get them from the driver."""
+    if not can_unshare():
+        pytest.skip("unshare -m is not permitted here: no node without the driver's disk can be made")
+    with environment({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}):
         yield from _cluster(tmp_path_factory)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _cluster(tmp_path_factory):
@@ -97,8 +113,12 @@ def _cluster(tmp_path_factory):
         # Its own temp dir: two nodes on one machine must not share the directory where each
         # node's runtime-env agent unpacks jobs' working directories.
         node2_tmp = tempfile.mkdtemp(prefix="rn2-", dir="/tmp")  # short: Unix socket paths live here
+        default_cache = Path.home() / ".cache" / "forgeline"
+        default_cache.mkdir(parents=True, exist_ok=True)
+        hidden = [tmp_path_factory.getbasetemp(), default_cache]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         nodes.append(start_node([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"node2": 1}',
-                                 f"--temp-dir={node2_tmp}"], logs / "node2.log")[0])
+                                 f"--temp-dir={node2_tmp}"], logs / "node2.log", unshared(hidden), env)[0])
         wait_for_nodes(address, 2)
         yield {"address": address, "gcs": f"127.0.0.1:{gcs}",
                "metrics": f"http://127.0.0.1:{head_ports['--metrics-export-port']}/metrics"}
@@ -135,15 +155,23 @@ def job_overrides(run_dir: Path, data_cache: Path, *extra: str) -> list[str]:
             f"data.cache_dir={data_cache}", f"run.dir={run_dir}", *extra]
 
 
-def test_submit_status_logs_and_two_node_placement(cluster, tmp_path, data_cache):
+# model=small steps take about a second here: slow enough to kill a rank halfway through.
+SMALL = ("model=small", "trainer.max_steps=6", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
+         "trainer.checkpoint_every=2")
+_spread: dict = {}
+
+
+def test_submit_status_logs_and_two_node_placement(cluster, tmp_path, data_cache, s3_url):
     spread = launch("submit", "--no-follow", f"cluster.address={cluster['address']}",
-                    *job_overrides(tmp_path / "spread", data_cache, "cluster.placement_strategy=STRICT_SPREAD"))
+                    *job_overrides(tmp_path / "spread", data_cache, *SMALL, f"run.storage={s3_url}/spread",
+                                   "cluster.placement_strategy=STRICT_SPREAD"))
     assert spread.returncode == 0, spread.stdout + spread.stderr
     job_id = spread.stdout.split("submitted job ", 1)[1].split()[0]
 
     # Following a job: logs stream until it ends, and the command reports how it ended.
     packed = launch("submit", f"cluster.address={cluster['address']}",
-                    *job_overrides(tmp_path / "packed", data_cache, "cluster.placement_strategy=STRICT_PACK"))
+                    *job_overrides(tmp_path / "packed", data_cache, *SMALL, f"run.storage={s3_url}/packed",
+                                   "cluster.placement_strategy=STRICT_PACK"))
     assert packed.returncode == 0, packed.stdout + packed.stderr
     assert "SUCCEEDED" in packed.stdout and "time from submit to first step" in packed.stdout
 
@@ -162,17 +190,82 @@ def test_submit_status_logs_and_two_node_placement(cluster, tmp_path, data_cache
     s_packed = json.loads((tmp_path / "packed" / "summary.json").read_text())
     assert len(set(s_spread["node_per_rank"])) == 2, s_spread["node_per_rank"]  # one rank on each node
     assert len(set(s_packed["node_per_rank"])) == 1
+    # The object store holds the checkpoints; the driver's run directory none.
+    assert s_spread["storage"] == f"{s3_url}/spread" and not (tmp_path / "spread" / "checkpoints").exists()
     for a, b in zip(s_spread["losses"], s_packed["losses"], strict=True):
         assert abs(a - b) <= 1e-6 * abs(b), (s_spread["losses"], s_packed["losses"])
+    _spread.update(s_spread)
 
     # launch.train with cluster.address runs its controller against that cluster (no embedded one).
     direct = subprocess.run([sys.executable, "-m", "launch.train", f"cluster.address={cluster['gcs']}",
-                             *job_overrides(tmp_path / "direct", data_cache)],
+                             *job_overrides(tmp_path / "direct", data_cache, f"run.storage={s3_url}/direct")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert direct.returncode == 0, direct.stdout[-2000:] + direct.stderr[-3000:]
     assert "Started a local Ray instance" not in direct.stdout + direct.stderr
     s_direct = json.loads((tmp_path / "direct" / "summary.json").read_text())
     assert set(s_direct["node_per_rank"]) <= set(s_spread["node_per_rank"])
+
+
+def mount_namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+def test_a_rank_on_the_second_node_killed_restarts_from_the_object_store(cluster, tmp_path, data_cache, s3_url):
+    """SIGKILL the rank on the node without the driver's disk after a checkpoint: the job restarts
+    by itself from the checkpoint on the object store and ends with the uninterrupted run's losses.
+    Then its model is exported from the object store."""
+    import psutil
+
+    if not _spread:
+        pytest.skip("needs the uninterrupted run of test_submit_status_logs_and_two_node_placement")
+    run_dir, storage = tmp_path / "killed", f"{s3_url}/killed"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.train", f"cluster.address={cluster['gcs']}",
+                             *job_overrides(run_dir, data_cache, *SMALL, f"run.storage={storage}",
+                                            "cluster.placement_strategy=STRICT_SPREAD", "trainer.max_restarts=1")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        steps = []
+        while not steps or steps[-1] < 3:  # step 2's checkpoint is being written or is published
+            assert proc.poll() is None and time.time() < deadline, (proc.stdout.read() if proc.poll() is not None
+                                                                    else "no step 3 in time")
+            metrics = run_dir / "metrics.jsonl"
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+            time.sleep(0.2)
+        ours = mount_namespace(os.getpid())
+        victims = [p for p in psutil.process_iter(["cmdline"])
+                   if " ".join(p.info["cmdline"] or []).startswith("ray::TrainWorker") and mount_namespace(p.pid) != ours]
+        assert len(victims) == 1, victims  # the one rank on the second node
+        victims[0].kill()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["steps"] == 6, summary["error"]
+    for a, b in zip(summary["losses"], _spread["losses"], strict=True):
+        assert abs(a - b) <= 1e-6 * abs(b), (summary["losses"], _spread["losses"])
+
+    exported = launch("export", storage, str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(weights)
+
+
+def test_a_node_without_the_drivers_disk_is_refused_with_one_error(cluster, tmp_path, data_cache):
+    """Without run.storage the ranks would read the driver's own files: the rank on the second node
+    cannot, and the job stops before training with one error naming the key, the node and the path."""
+    proc = subprocess.run([sys.executable, "-m", "launch.train", f"cluster.address={cluster['gcs']}",
+                           *job_overrides(tmp_path / "nostore", data_cache, "cluster.placement_strategy=STRICT_SPREAD")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    err = proc.stderr
+    assert err.count("Error in configuration: run.storage:") == 1 and " on node " in err and "(Ray node " in err, err[-3000:]
+    assert "cannot read the prepared data" in err and str(data_cache) in err
+    assert "Traceback" not in err, err[-3000:]
 
 
 def test_stop_ends_a_running_job(cluster, tmp_path, data_cache):

@@ -126,7 +126,7 @@ def test_tensorboard_rewind_purges_the_steps_after_the_checkpoint(tmp_path):
 
     from orchestrator.metrics import TensorBoardSink
 
-    sink = TensorBoardSink(tmp_path)
+    sink = TensorBoardSink(tmp_path / "tensorboard")
     sink.start([])
     for step in range(1, 6):
         sink.log({"step": step, "loss": float(step), "time": 0.0, "note": "not a number"})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import checkpoint, lora
+from orchestrator import checkpoint, dcp, lora
 from orchestrator.config import LoraConfig, compose
 from orchestrator.errors import ConfigError
 from orchestrator.export import export
@@ -56,11 +56,11 @@ def test_only_adapters_train_and_are_saved(tmp_path_factory, data_cache, base_ru
     assert summary["n_trainable_params"] == 3680
     assert summary["n_trainable_params"] < 0.05 * summary["n_params"]
     assert summary["losses"][-1] < summary["losses"][0]
-    ckpt = checkpoint.latest(run_dir)
-    saved = load_file(str(ckpt / "model.safetensors"))
+    ckpt = checkpoint.latest(checkpoint.in_run(run_dir))
+    saved = dcp.read_full(ckpt.root, {}, "model.")
     assert saved and all(lora.is_adapter(k) for k in saved)
     assert len(saved) == 2 * 3 * 2  # A and B of three modules in two layers
-    moments = load_file(str(ckpt / "optimizer.safetensors"))
+    moments = dcp.read_full(ckpt.root, {}, "optim.")
     assert {k.split(".", 1)[1] for k in moments} == set(saved)
     # The adapters moved: B starts at zero.
     assert all(saved[k].abs().sum() > 0 for k in saved if ".lora_B." in k)
@@ -68,14 +68,14 @@ def test_only_adapters_train_and_are_saved(tmp_path_factory, data_cache, base_ru
 
 def test_export_merges_adapters(tmp_path_factory, data_cache, base_run, sft_file, tmp_path):
     run_dir, _ = single_lora(tmp_path_factory, data_cache, base_run, sft_file)
-    export(run_dir, tmp_path / "hf")
+    export(str(run_dir), tmp_path / "hf")
     job = json.loads((run_dir / "job.json").read_text())
     args = LlamaArgs(**{k: job["model"][k] for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                                                      "ffn_dim", "max_seq_len")})
     # The adapted model (base from the run's init_from, adapters from its checkpoint)...
     adapted = lora.apply(Llama(args), LoraConfig(**job["finetune"]["lora"]), seed=0)
-    base = load_file(str(checkpoint.latest(base_run) / "model.safetensors"))
-    adapters = load_file(str(checkpoint.latest(run_dir) / "model.safetensors"))
+    base = dcp.read_full(checkpoint.latest(checkpoint.in_run(base_run)).root, {}, "model.")
+    adapters = dcp.read_full(checkpoint.latest(checkpoint.in_run(run_dir)).root, {}, "model.")
     adapted.load_state_dict(lora.to_model_names(adapted, {**base, **adapters}), strict=False)
     adapted.init_buffers()
     # ...computes what the exported plain model computes.

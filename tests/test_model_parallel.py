@@ -71,7 +71,7 @@ def test_hybrid_layout_resumes_exactly(tmp_path_factory, data_cache, ray_cluster
     resumed = run_job(compose(parity_overrides(tmp_path, data_cache, *overrides, "run.resume=true")))
     assert resumed["status"] == "succeeded" and resumed["steps"] == 10
     assert_losses_close(resumed["losses"], full["losses"], 1e-6)
-    assert checkpoint.latest(tmp_path).name == "step_00000010"
+    assert checkpoint.latest(checkpoint.in_run(tmp_path)).name == "step_00000010"
 
 
 BASE = ["model=tiny", "run.dir=/tmp/unused", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"]

@@ -2,6 +2,7 @@
 checkpoints, resharding across layouts, export to the Hugging Face format."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -79,18 +80,20 @@ def test_interrupted_save_and_damaged_checkpoint_fall_back(ray_cluster, tmp_path
                             "trainer.checkpoint_every=3", "trainer.keep_checkpoints=3")
     first = run_job(compose(base + ["trainer.exit_at_step=6"]))
     assert first["status"] == "succeeded"
-    root = checkpoint.checkpoint_root(run_dir)
-    # A save killed halfway leaves only its aside directory, never a published one.
-    partial = root / "step_00000009.tmp"
+    root = run_dir / "checkpoints"
+    ckpts = checkpoint.in_run(run_dir)
+    # A save killed halfway leaves its files without a manifest: never taken.
+    partial = root / "step_00000009"
     partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"\x00" * 100)
-    assert checkpoint.latest(run_dir).name == "step_00000006"
+    (partial / "__0_0.distcp").write_bytes(b"\x00" * 100)
+    assert checkpoint.latest(ckpts).name == "step_00000006"
     # A damaged published checkpoint is skipped for the previous good one, with a warning.
-    model_file = root / "step_00000006" / "model.safetensors"
-    model_file.write_bytes(model_file.read_bytes()[:-64])
+    data_file = sorted((root / "step_00000006").glob("__*.distcp"))[0]
+    data_file.write_bytes(data_file.read_bytes()[:-64])
     with caplog.at_level(logging.WARNING, logger="orchestrator.checkpoint"):
-        assert checkpoint.latest(run_dir).name == "step_00000003"
-    assert "step_00000006/model.safetensors has" in caplog.text and "manifest says" in caplog.text
+        assert checkpoint.latest(ckpts).name == "step_00000003"
+    assert f"step_00000006/{data_file.name} has" in caplog.text and "manifest says" in caplog.text
+    assert "step_00000009: no manifest.json" in caplog.text
 
     resumed = run_job(compose(base + ["run.resume=true"]))
     assert resumed["status"] == "succeeded" and resumed["steps"] == 10
@@ -98,24 +101,43 @@ def test_interrupted_save_and_damaged_checkpoint_fall_back(ray_cluster, tmp_path
     assert resumed["losses"][:6] == pytest.approx(first["losses"], rel=1e-6)
 
 
-def test_a_planted_pickle_is_refused_without_running(tmp_path):
+class Payload:
+    """Unpickling it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("planted", [".metadata", "data", "entry"])
+def test_a_planted_pickle_is_refused_without_running(tmp_path, planted):
+    """DCP's .metadata is a pickle, its data files are torch.save archives, and it pickles entries
+    that are not tensors: none of them runs code when a checkpoint is read."""
+    import torch
+
+    from orchestrator import dcp
+
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    ckpt = tmp_path / "checkpoints" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    (ckpt / "model.safetensors").write_bytes(pickle.dumps(Payload()))
-    (ckpt / "optimizer.safetensors").write_bytes(pickle.dumps(Payload()))
-    (ckpt / "trainer.json").write_text(json.dumps({"step": 1, "sampler": {"consumed": 1}, "world_size": 1,
-                                                   "strategy": "single"}))
-    checkpoint.write_manifest(ckpt)  # even with a matching manifest, the loader parses no pickle
+    ckpt = tmp_path / "ckpt"
+    state = {"model.w": torch.ones(3)}
+    if planted == "entry":
+        state["model.extra"] = Payload(marker)
+    dcp.save(state, str(ckpt), {}, False, None)
+    if planted == ".metadata":
+        (ckpt / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    elif planted == "data":
+        buf = io.BytesIO()
+        torch.save(Payload(marker), buf)
+        for f in ckpt.glob("__*.distcp"):
+            f.write_bytes(buf.getvalue())
     with pytest.raises(Exception) as err:
-        checkpoint.load_engine_state(ckpt)
-    assert "pickle" not in type(err.value).__name__.lower()
-    assert not marker.exists()
+        target = {"model.w": torch.zeros(3)}
+        if planted == "entry":
+            target["model.extra"] = None
+        dcp.load(target, str(ckpt), {})
+    assert not marker.exists(), err.value
 
 
 @pytest.mark.parametrize("source, target", [
@@ -123,26 +145,31 @@ def test_a_planted_pickle_is_refused_without_running(tmp_path):
     (("strategy=ddp", "cluster.num_workers=2"), ("strategy=zero2", "cluster.num_workers=3")),
     (("strategy=tp", "cluster.num_workers=2"), ("strategy=single", "cluster.num_workers=1")),
     (("strategy=single", "cluster.num_workers=1"), ("strategy=pp", "cluster.num_workers=2")),
+    (("strategy=zero3", "cluster.num_workers=2"), ("strategy=zero3", "cluster.num_workers=3")),
+    (("strategy=hybrid", "strategy.tp=2", "strategy.pp=1", "cluster.num_workers=4"),
+     ("strategy=ddp", "cluster.num_workers=2")),
 ])
 def test_checkpoint_loads_into_another_layout(reference, tmp_path, data_cache, source, target):
-    """Stopped at step 5 in one layout, resumed in another: step 6 is the uninterrupted
-    single-process run's step 6 (every layout matches that run, tests/test_parity.py)."""
+    """Stopped at step 5 in one layout, resumed in another: steps 6 and 7 are the uninterrupted
+    single-process run's (every layout matches that run, tests/test_parity.py). Step 6 checks the
+    loaded weights, step 7 the loaded AdamW moments and schedule too."""
     run_dir = tmp_path / "run"
     stopped = run_job(compose(parity_overrides(run_dir, data_cache, *source, "trainer.exit_at_step=5")))
     assert stopped["status"] == "succeeded", stopped["error"]
     other = run_job(compose(parity_overrides(run_dir, data_cache, *target, "run.resume=true",
-                                             "trainer.exit_at_step=6")))
+                                             "trainer.exit_at_step=7")))
     assert other["status"] == "succeeded", other["error"]
     assert other["strategy"] == target[0].split("=")[1]
-    a, b = other["losses"][5], reference["losses"][5]  # step 6, the first after loading
-    assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+    for step in (6, 7):
+        a, b = other["losses"][step - 1], reference["losses"][step - 1]
+        assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
 
 
 def test_export_loads_in_transformers_with_matching_logits(ray_cluster, tmp_path, data_cache):
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from orchestrator import dcp
     from orchestrator.export import export
     from orchestrator.models import Llama
     from orchestrator.trainer import model_args
@@ -152,12 +179,12 @@ def test_export_loads_in_transformers_with_matching_logits(ray_cluster, tmp_path
                                    "trainer.max_steps=3"))
     assert run_job(job)["status"] == "succeeded"
     out = tmp_path / "hf"
-    export(run_dir, out)
+    export(str(run_dir), out)
 
     hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, torch_dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     ours = Llama(model_args(job))
-    ours.load_state_dict(load_file(str(checkpoint.latest(run_dir) / "model.safetensors")))
+    ours.load_state_dict(dcp.read_full(checkpoint.latest(checkpoint.in_run(run_dir)).root, {}, "model."))
     ours.eval()
     text = ["ROMEO:\nBut soft, what light through yonder window breaks?", "First Citizen:\nSpeak, speak."]
     ids = [tok(t)["input_ids"] for t in text]

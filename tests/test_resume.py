@@ -15,7 +15,7 @@ def test_resume_matches_uninterrupted(ray_cluster, make_job, tmp_path):
     stopped = run_job(make_job(*common, "trainer.exit_at_step=5", run_dir=tmp_path / "split"))
     assert stopped["status"] == "succeeded" and stopped["exited_early"]
     assert stopped["steps"] == 5
-    ckpt = checkpoint.latest(tmp_path / "split")
+    ckpt = checkpoint.latest(checkpoint.in_run(tmp_path / "split"))
     assert ckpt is not None and ckpt.name == "step_00000005"
     assert checkpoint.read_trainer_state(ckpt).sampler == {"consumed": 5 * 8}
 
@@ -26,4 +26,4 @@ def test_resume_matches_uninterrupted(ray_cluster, make_job, tmp_path):
     assert resumed["losses"] == full["losses"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
-    assert checkpoint.latest(tmp_path / "split").name == "step_00000010"
+    assert checkpoint.latest(checkpoint.in_run(tmp_path / "split")).name == "step_00000010"

@@ -67,7 +67,7 @@ def test_zero_resume_matches_uninterrupted(tmp_path_factory, data_cache, ray_clu
                                                "run.resume=true")))
     assert resumed["status"] == "succeeded" and resumed["steps"] == 10
     assert_losses_close(resumed["losses"], full["losses"], 1e-6)
-    assert checkpoint.latest(tmp_path).name == "step_00000010"
+    assert checkpoint.latest(checkpoint.in_run(tmp_path)).name == "step_00000010"
 
 
 def test_ds_config_is_merged_and_conflicts_name_both_values(tmp_path):
