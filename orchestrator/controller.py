@@ -28,6 +28,18 @@ from orchestrator.storage import RunPlaces, Storage, places_of
 from orchestrator.worker_group import WorkerFailure, WorkerGroup
 
 
+SECRET_WORDS = ("secret", "key", "token", "password", "credential")
+
+
+def redacted(job: dict) -> dict:
+    """The job as written to job.json: fsspec options that look like credentials are left out
+    (give credentials through the environment: they are forwarded to the ranks, never written)."""
+    options = job["run"]["storage_options"]
+    job["run"]["storage_options"] = {k: ("<redacted>" if any(w in k.lower() for w in SECRET_WORDS) else v)
+                                     for k, v in options.items()}
+    return job
+
+
 class JobState(str, enum.Enum):
     PENDING = "pending"
     STARTING = "starting"
@@ -176,7 +188,7 @@ class JobController:
         places = self.places
         self.run_id = self._claim_storage()  # before anything is written
         Path(places.dir).mkdir(parents=True, exist_ok=True)
-        places.job_file.write_text(json.dumps({"run_id": self.run_id, **dataclasses.asdict(job)}, indent=1))
+        places.job_file.write_text(json.dumps({"run_id": self.run_id, **redacted(dataclasses.asdict(job))}, indent=1))
         outcomes = None
         error = None
         sample = None

@@ -76,7 +76,8 @@ def run_checkpoints(run: Storage, job: dict) -> Storage:
     """A run's checkpoints: in its run.storage where it had one, else below the run itself."""
     run_cfg = job.get("run", {})
     if run_cfg.get("storage"):
-        return Storage.at(run_cfg["storage"], run_cfg.get("storage_options") or {}).child(CHECKPOINTS)
+        options = {k: v for k, v in (run_cfg.get("storage_options") or {}).items() if v != "<redacted>"}
+        return Storage.at(run_cfg["storage"], options).child(CHECKPOINTS)
     return run.child(CHECKPOINTS)
 
 

@@ -268,9 +268,10 @@ def test_a_node_without_the_drivers_disk_is_refused_with_one_error(cluster, tmp_
     assert "Traceback" not in err, err[-3000:]
 
 
-def test_stop_ends_a_running_job(cluster, tmp_path, data_cache):
+def test_stop_ends_a_running_job(cluster, tmp_path, data_cache, s3_url):
     run_dir = tmp_path / "long"
-    sub = jobs.submit(cluster["address"], job_overrides(run_dir, data_cache, "trainer.max_steps=100000"))
+    sub = jobs.submit(cluster["address"], job_overrides(run_dir, data_cache, "trainer.max_steps=100000",
+                                                         f"run.storage={s3_url}"))
     deadline = time.time() + 180
     while jobs.read_status(str(run_dir)).get("step", 0) < 1:
         assert time.time() < deadline, "the job never reached its first step"
