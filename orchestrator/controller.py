@@ -107,6 +107,8 @@ class JobController:
         # Seconds from each detected failure to the first step after the restart.
         self.failed_at: float | None = None
         self.recoveries_s: list[float] = []
+        # The step each attempt started from (0: from scratch; else the checkpoint's step).
+        self.start_steps: list[int] = []
 
     def mark(self, phase: str) -> None:
         self.startup.setdefault(phase, round(time.time() - self.command_start, 3))
@@ -208,6 +210,7 @@ class JobController:
                     group = self.make_group()  # actors start in the background
                     try:
                         resume_from, resume_step = self._resume_point(job)
+                        self.start_steps.append(resume_step)
                         self.history = read_history(places.metrics_file, resume_step)
                         if self.sinks_started:  # a restart: forget the steps after the checkpoint
                             for sink in self.sinks:
@@ -250,6 +253,7 @@ class JobController:
                 self.startup["first_step"] = round(self.run_metrics[0]["time"] - self.command_start, 3)
             summary["startup_s"] = self.startup
             summary["recoveries_s"] = self.recoveries_s
+            summary["start_step_per_attempt"] = self.start_steps
             summary["run_id"] = self.run_id
             summary["storage"] = places.storage.root
             places.summary_file.write_text(json.dumps(summary, indent=2))
