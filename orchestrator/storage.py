@@ -146,7 +146,10 @@ class Storage:
         self.invalidate()
 
     def upload(self, local: str | Path, *parts: str) -> None:
-        self.fs.put_file(str(local), self._path(*parts))
+        path = self._path(*parts)
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.fs.put_file(str(local), path)
 
     def download(self, local: str | Path, *parts: str) -> None:
         self.fs.get_file(self._path(*parts), str(local))

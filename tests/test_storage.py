@@ -187,13 +187,14 @@ def test_export_refuses_to_write_into_the_run(tmp_path):
     assert err.value.key == "OUT_DIR" and ckpt.sizes() == before
 
 
-def test_data_is_published_once_and_read_on_another_nodes_cache(tmp_path, s3_url, data_cache):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_data_is_published_once_and_read_on_another_nodes_cache(tmp_path, data_cache, request, where):
     from orchestrator.config import compose
     from orchestrator.data import localize, prepare, publish
 
     job = compose(parity_overrides(tmp_path / "run", data_cache))
     local = prepare(job.data, job.model.vocab_size)
-    store = Storage.at(s3_url)
+    store = Storage.at(request.getfixturevalue("s3_url") if where == "s3" else str(tmp_path / "shared" / "data"))
     published = publish(local, store)
     assert published.remote.exists("meta.json") and published.remote.exists("tokens.npy")
     stamp = published.remote.fs.info(published.remote.url("tokens.npy"))
