@@ -43,6 +43,7 @@ def one(py: str, job: list[str], run_dir: Path, extra: list[str]) -> dict:
     return {"tokens_per_s": tokens / window,
             "blocked_s": statistics.median(c["blocked_s"] for c in saves) if saves else None,
             "total_s": statistics.median(c["total_s"] for c in saves) if saves else None,
+            "write_cpu_s": statistics.median(max(c["write_cpu_s_per_rank"]) for c in saves) if saves else None,
             "bytes_written_per_rank": saves[0]["bytes_written_per_rank"] if saves else None,
             "saves": len(saves)}
 
@@ -80,7 +81,8 @@ def main() -> None:
                   f"async {asyn['tokens_per_s']:.0f} ({asyn['tokens_per_s'] / never['tokens_per_s']:.3f}), "
                   f"sync {syn['tokens_per_s']:.0f} ({syn['tokens_per_s'] / never['tokens_per_s']:.3f}); "
                   f"per save: async blocked {asyn['blocked_s']:.3f} s of {asyn['total_s']:.2f} s, "
-                  f"sync blocked {syn['blocked_s']:.2f} s; bytes per rank {asyn['bytes_written_per_rank']}",
+                  f"sync blocked {syn['blocked_s']:.2f} s; CPU of each async write {asyn['write_cpu_s']:.2f} s; "
+                  f"bytes per rank {asyn['bytes_written_per_rank']}",
                   flush=True)
         ratio = statistics.median(x["async_over_never"] for x in rounds)
         result["strategies"][strategy] = {

@@ -236,6 +236,7 @@ class Checkpointer:
 
         from orchestrator import dcp
 
+        cpu_start = time.thread_time()
         if self.asynchronous:
             yield_to_training()
         ckpt = self.places.checkpoints.child(step_name(step))
@@ -276,6 +277,7 @@ class Checkpointer:
             record["rss_growth_bytes"] = max(0, memory.peak_bytes() - rss_before)
             record["peak_extra_bytes"] = max(record["rss_growth_bytes"], record["staged_bytes"])
         record["total_s"] = time.perf_counter() - begin
+        record["write_cpu_s"] = time.thread_time() - cpu_start  # the CPU the writing took from this rank
         self.records.append(record)
         if error:
             raise RuntimeError(f"checkpoint of step {step} failed: {error}")

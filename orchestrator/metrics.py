@@ -293,6 +293,7 @@ def checkpoint_summary(per_rank: list[list[dict]]) -> list[dict]:
         records = [r[i] for r in per_rank if i < len(r)]
         out.append({"step": first["step"], "async": first["async"],
                     "blocked_s": max(r["blocked_s"] for r in records), "total_s": first.get("total_s"),
+                    "write_cpu_s_per_rank": [r.get("write_cpu_s") for r in records],
                     "bytes_written_per_rank": [r.get("bytes_written") for r in records],
                     "held_bytes_per_rank": [r["held_bytes"] for r in records],
                     "staged_bytes_per_rank": [r["staged_bytes"] for r in records],
