@@ -301,10 +301,10 @@ class Checkpointer:
 
 
 def yield_to_training() -> None:
-    """Lowers the calling thread (the background save) to nice 19: it then runs on the cores the
-    ranks leave idle, mostly while they wait on each other. At the same priority, on the 2-core
-    machine, its writes cost 12% of ddp's tokens/s (3 rounds, medium model, a save every 5 steps);
-    at nice 19, none measurable (benchmarks/checkpoint.py, README)."""
+    """Lowers the calling thread (the background save) to nice 19, so that it yields to the ranks'
+    own threads. On the 2-core machine, medium model, ddp, a save every 5 steps: at the ranks'
+    priority its writes cost 12% of tokens/s; at nice 19, 0-15% over six measurements, median 7%
+    (the write's own CPU still comes out of cores the ranks fill; README, Benchmarks)."""
     import os
     import threading
 
