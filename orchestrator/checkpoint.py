@@ -137,9 +137,12 @@ def owner(checkpoints: Storage) -> tuple[str | None, int | None]:
 
 def in_run(run_dir) -> Storage:
     """The checkpoints of a run whose storage is its run directory."""
-    from orchestrator.storage import CHECKPOINTS
+    return RunPlaces.of(str(run_dir)).checkpoints
 
-    return Storage.at(str(run_dir)).child(CHECKPOINTS)
+
+def storage_of(ckpt: Storage) -> Storage:
+    """The run storage a checkpoint folder (<storage>/checkpoints/step_N) belongs to."""
+    return Storage(ckpt.root.rsplit("/", 2)[0], ckpt.options)
 
 
 def read_trainer_state(ckpt: Storage) -> TrainerState:
@@ -168,8 +171,8 @@ def prune(checkpoints: Storage, saved_step: int, keep: int) -> list[str]:
 
 class Checkpointer:
     """Saves this rank's part of checkpoints, one at a time, in a background thread when
-    ``asynchronous``. Every rank constructs it at the same point (it creates a process group of
-    its own, so that the save's collectives never interleave with training's).
+    ``asynchronous``. Its first save creates a process group of its own (every rank saves at the
+    same steps), so that the save's collectives never interleave with training's.
 
     ``records`` holds, per save, the seconds training was blocked and the total seconds (on rank 0,
     up to the manifest), the bytes this rank wrote, held and copied for the background write, and
@@ -177,14 +180,12 @@ class Checkpointer:
     when the save began, or the staged copy where that is larger."""
 
     def __init__(self, places: RunPlaces, rank: int, asynchronous: bool, keep: int, run_id: str):
-        import torch.distributed as dist
-
         self.places = places
         self.rank = rank
         self.asynchronous = asynchronous
         self.keep = keep
         self.run_id = run_id
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.group = None  # created by the first save: nothing is added to a job's start-up
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
         self.records: list[dict] = []
@@ -192,23 +193,26 @@ class Checkpointer:
     def save(self, step: int, state: dict, trainer_state: TrainerState) -> None:
         """Collective over the job's ranks. ``state`` is the engine's checkpoint_state()."""
         import torch
+        import torch.distributed as dist
         from safetensors.torch import save as safetensors_bytes
 
         from orchestrator import dcp
 
         begin = time.perf_counter()
         self.wait()  # one save in flight at a time
-        rss_before = memory.rss_bytes() if self.rank == 0 else None
+        if self.group is None and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo")
+        rss_before = None
         if self.rank == 0:
+            rss_before = memory.rss_bytes()
             memory.reset_peak()
         held = sum(dcp.local_bytes(v) for v in state.values())
         if self.asynchronous:
             state = dcp.stage(state)  # training may change the originals from here on
         staged = sum(dcp.local_bytes(v) for v in state.values()) if self.asynchronous else 0
         rng = safetensors_bytes({"torch": torch.get_rng_state()})
-        record = {"step": step, "held_bytes": held, "staged_bytes": staged, "async": self.asynchronous}
-        blocked = time.perf_counter() - begin
-        record["blocked_s"] = blocked
+        record = {"step": step, "held_bytes": held, "staged_bytes": staged, "async": self.asynchronous,
+                  "blocked_s": time.perf_counter() - begin}
         work = (self._write, step, state, trainer_state, rng, record, begin, rss_before)
         if self.asynchronous:
             self._pending = self._executor.submit(*work)
@@ -248,7 +252,7 @@ class Checkpointer:
             except OSError as exc:
                 log.error("cannot clear %s: %s", ckpt.root, exc)
                 cleared = [False]
-        if dist.is_initialized():  # every rank goes on, or none
+        if self.group is not None:  # every rank goes on, or none
             dist.broadcast_object_list(cleared, src=0, group=self.group)
         if not cleared[0]:
             raise RuntimeError(f"checkpoint of step {step}: {ckpt.root} could not be cleared")
@@ -264,14 +268,13 @@ class Checkpointer:
                 written[TRAINER] = (len(data), hashlib.sha256(data).hexdigest())
         except Exception as exc:  # reported to rank 0, which then publishes nothing
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        parts = [None] * dist.get_world_size(self.group) if dist.is_initialized() else None
-        if dist.is_initialized():
-            dist.gather_object((written, error), parts if self.rank == 0 else None, dst=0, group=self.group)
-        else:
-            parts = [(written, error)]
+        parts = [(written, error)]
+        if self.group is not None:
+            parts = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
+            dist.gather_object((written, error), parts, dst=0, group=self.group)
         record["bytes_written"] = sum(size for size, _ in written.values())
         if self.rank == 0:
-            self._publish(ckpt, step, parts)
+            self._publish(ckpt, step, parts, sync)
             # The resident high-water mark above its level when the save began can miss memory the
             # allocator reuses from buffers training freed; the staged copy is counted exactly.
             record["rss_growth_bytes"] = max(0, memory.peak_bytes() - rss_before)
@@ -282,7 +285,7 @@ class Checkpointer:
         if error:
             raise RuntimeError(f"checkpoint of step {step} failed: {error}")
 
-    def _publish(self, ckpt: Storage, step: int, parts: list) -> None:
+    def _publish(self, ckpt: Storage, step: int, parts: list, sync: bool) -> None:
         errors = [e for _, e in parts if e]
         if errors:
             raise RuntimeError(f"checkpoint of step {step} not published: {'; '.join(errors)}")
@@ -293,11 +296,10 @@ class Checkpointer:
             raise RuntimeError(f"checkpoint of step {step} not published: the storage does not hold "
                                f"{', '.join(sorted(wrong))} as written")
         manifest = {"run_id": self.run_id, "step": step, "files": dict(sorted(files.items()))}
-        ckpt.write_text(json.dumps(manifest, indent=1), MANIFEST, sync=ckpt.is_local)  # the publish
+        ckpt.write_text(json.dumps(manifest, indent=1), MANIFEST, sync=sync)  # the publish
         removed = prune(self.places.checkpoints, step, self.keep)
         if removed:
             log.info("pruned checkpoints %s", ", ".join(removed))
-
 
 
 def yield_to_training() -> None:

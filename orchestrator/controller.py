@@ -24,20 +24,8 @@ from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData
 from orchestrator.errors import ConfigError
 from orchestrator.metrics import Sink, build_summary, read_history, write_status
-from orchestrator.storage import RunPlaces, Storage, places_of
+from orchestrator.storage import RunPlaces, Storage, places_of, without_credentials
 from orchestrator.worker_group import WorkerFailure, WorkerGroup
-
-
-SECRET_WORDS = ("secret", "key", "token", "password", "credential")
-
-
-def redacted(job: dict) -> dict:
-    """The job as written to job.json: fsspec options that look like credentials are left out
-    (give credentials through the environment: they are forwarded to the ranks, never written)."""
-    options = job["run"]["storage_options"]
-    job["run"]["storage_options"] = {k: ("<redacted>" if any(w in k.lower() for w in SECRET_WORDS) else v)
-                                     for k, v in options.items()}
-    return job
 
 
 class JobState(str, enum.Enum):
@@ -190,7 +178,9 @@ class JobController:
         places = self.places
         self.run_id = self._claim_storage()  # before anything is written
         Path(places.dir).mkdir(parents=True, exist_ok=True)
-        places.job_file.write_text(json.dumps({"run_id": self.run_id, **redacted(dataclasses.asdict(job))}, indent=1))
+        record = dataclasses.asdict(job)
+        record["run"]["storage_options"] = without_credentials(record["run"]["storage_options"])
+        places.job_file.write_text(json.dumps({"run_id": self.run_id, **record}, indent=1))
         outcomes = None
         error = None
         sample = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import posixpath
 import threading
@@ -57,9 +58,7 @@ def flat_range_boxes(shape: tuple[int, ...], start: int, end: int) -> list[tuple
         return []
     if len(shape) <= 1:
         return [((start,), (end - start,))]
-    inner = 1
-    for d in shape[1:]:
-        inner *= d
+    inner = math.prod(shape[1:])
     out = []
     row = start // inner
     if start % inner:  # a partial first row
@@ -101,9 +100,7 @@ class Chunks(torch.Tensor):
         """The elements [start, start + flat.numel()) of a tensor of ``size``, held in the 1-D ``flat``."""
         pieces, at = [], 0
         for offsets, sizes in flat_range_boxes(tuple(size), start, start + flat.numel()):
-            n = 1
-            for s in sizes:
-                n *= s
+            n = math.prod(sizes)
             pieces.append((offsets, flat.narrow(0, at, n).view(sizes)))
             at += n
         return cls(size, pieces, flat.dtype)

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from orchestrator import pretrained
+from orchestrator import checkpoint, pretrained
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Storage
 
@@ -61,8 +61,12 @@ def hf_config(model: dict, eos_id: int) -> dict:
     }
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _refuse_inside(out_dir: Path, roots) -> None:
+    """OUT_DIR may not be, or lie inside, any of ``roots`` (local Storage roots of the run)."""
+    for root in roots:
+        if root.is_local and (out_dir == Path(root.root) or Path(root.root) in out_dir.parents):
+            raise ConfigError("OUT_DIR", f"{out_dir} is inside the run at {root.root}: exporting there would write "
+                                         "over the run's files; choose a directory outside the run")
 
 
 def export(source: str, out_dir: str | Path) -> str:
@@ -73,18 +77,11 @@ def export(source: str, out_dir: str | Path) -> str:
     from tokenizers import Tokenizer
 
     out_dir = Path(os.path.expanduser(str(out_dir))).resolve()
-    where = Storage.at(source)
-    if where.is_local and _inside(out_dir, Path(where.root)):
-        raise ConfigError("OUT_DIR", f"{out_dir} is inside {source}: exporting there would write over the run's "
-                                     "files; choose a directory outside the run")
+    _refuse_inside(out_dir, [Storage.at(source)])  # before anything is read
     pre = pretrained.locate(source)
     if pre.kind != "checkpoint":
         raise ConfigError("RUN_DIR", f"{source} is a Hugging Face model already, not one of our runs")
-    # The run itself, and the storage its checkpoints are on (<storage>/checkpoints/step_N).
-    for root in (pre.run, Storage(pre.checkpoint.root.rsplit("/", 2)[0], pre.checkpoint.options)):
-        if root.is_local and _inside(out_dir, Path(root.root)):
-            raise ConfigError("OUT_DIR", f"{out_dir} is inside the run at {root.root}: exporting there would write "
-                                         "over the run's files; choose a directory outside the run")
+    _refuse_inside(out_dir, [pre.run, checkpoint.storage_of(pre.checkpoint)])  # the run, its checkpoints' storage
     model_cfg = pre.arch
     # Full weights; a LoRA run's adapters are merged into its base here.
     weights = pretrained.load_weights(pre)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from orchestrator import checkpoint
 from orchestrator.errors import ConfigError
-from orchestrator.storage import CHECKPOINTS, JOB_FILE, TOKENIZER_FILE, Storage
+from orchestrator.storage import CHECKPOINTS, JOB_FILE, REDACTED, TOKENIZER_FILE, Storage
 
 KEY = "model.init_from"
 # Our ModelConfig field -> Hugging Face LlamaConfig field.
@@ -59,7 +59,7 @@ def locate(path: str) -> Pretrained:
             problems = checkpoint.verify(where)
             if problems:
                 raise ConfigError(KEY, f"{path}: {'; '.join(problems)}")
-            run = Storage(where.root.rsplit("/", 2)[0], where.options)
+            run = checkpoint.storage_of(where)
             if not run.exists(JOB_FILE):
                 raise ConfigError(KEY, f"{path}: the run's {JOB_FILE} is not at {run.url(JOB_FILE)}")
             return _ours(path, run, json.loads(run.read_text(JOB_FILE)), where)
@@ -75,10 +75,10 @@ def locate(path: str) -> Pretrained:
 def run_checkpoints(run: Storage, job: dict) -> Storage:
     """A run's checkpoints: in its run.storage where it had one, else below the run itself."""
     run_cfg = job.get("run", {})
-    if run_cfg.get("storage"):
-        options = {k: v for k, v in (run_cfg.get("storage_options") or {}).items() if v != "<redacted>"}
-        return Storage.at(run_cfg["storage"], options).child(CHECKPOINTS)
-    return run.child(CHECKPOINTS)
+    if not run_cfg.get("storage"):
+        return run.child(CHECKPOINTS)
+    options = {k: v for k, v in (run_cfg.get("storage_options") or {}).items() if v != REDACTED}
+    return Storage.at(run_cfg["storage"], options).child(CHECKPOINTS)
 
 
 def _ours(path: str, run: Storage, job: dict, ckpt: Storage) -> Pretrained:

@@ -34,6 +34,8 @@ def _is_url(location: str) -> bool:
 def _filesystem(protocol: str, options: tuple):
     import fsspec
 
+    if protocol == "file":  # a write creates its parent folders, as on an object store
+        return fsspec.filesystem(protocol, auto_mkdir=True, **dict(options))
     return fsspec.filesystem(protocol, **dict(options))
 
 
@@ -146,10 +148,7 @@ class Storage:
         self.invalidate()
 
     def upload(self, local: str | Path, *parts: str) -> None:
-        path = self._path(*parts)
-        if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.fs.put_file(str(local), path)
+        self.fs.put_file(str(local), self._path(*parts))
 
     def download(self, local: str | Path, *parts: str) -> None:
         self.fs.get_file(self._path(*parts), str(local))
@@ -182,6 +181,16 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+REDACTED = "<redacted>"
+SECRET_WORDS = ("secret", "key", "token", "password", "credential")
+
+
+def without_credentials(options: dict) -> dict:
+    """fsspec options as job.json records them: values under keys that look like credentials are
+    replaced by REDACTED (credentials belong in the environment, which is forwarded, never written)."""
+    return {k: (REDACTED if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in options.items()}
 
 
 def forwarded_env() -> dict[str, str]:

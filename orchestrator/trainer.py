@@ -35,10 +35,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def peak_rss_bytes() -> int:
-    return memory.lifetime_peak_bytes()
-
-
 @dataclass
 class TrainOutcome:
     rank: int
@@ -163,7 +159,7 @@ class Trainer:
                 metrics = {
                     "step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                     "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
-                    "tokens": self.step * tokens_per_step, "time": time.time(), "rss_bytes": peak_rss_bytes(),
+                    "tokens": self.step * tokens_per_step, "time": time.time(), "rss_bytes": memory.lifetime_peak_bytes(),
                     **result.extra,
                 }
             if t.eval_every and self.step % t.eval_every == 0 and self.can_evaluate:
@@ -189,7 +185,7 @@ class Trainer:
             weights = self.engine.gather_weights()  # collective; whole on rank 0, for the text sample
             self._weights = weights if self.rank == 0 else {}
         return TrainOutcome(rank=self.rank, first_step=first_step, last_step=self.step, exited_early=exited_early,
-                            peak_rss_bytes=peak_rss_bytes(), memory=self.engine.memory_report(),
+                            peak_rss_bytes=memory.lifetime_peak_bytes(), memory=self.engine.memory_report(),
                             trainable_params=self.n_trainable, checkpoints=list(self.checkpointer.records))
 
     def publish_weights(self) -> dict:
