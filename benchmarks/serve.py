@@ -33,7 +33,8 @@ from orchestrator.export import export
 from orchestrator.inference.client import Client
 from orchestrator.inference.config import compose
 from orchestrator.inference.replica import load_model
-from orchestrator.inference.server import Background, build, publish
+from orchestrator.inference.server import Background, build
+from orchestrator.inference.weights import publish
 
 
 def prompts_from_corpus(n: int, chars: int = 48) -> list[str]:
@@ -93,7 +94,7 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
     sync, copy = [], []
     for _ in range(rounds):
         t = time.perf_counter()
-        replicas = publish(pool, weights)
+        replicas = publish(pool, weights).replicas
         sync.append(time.perf_counter() - t)
         t = time.perf_counter()
         copied = {k: v.clone() for k, v in weights.items()}

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     print(args.prompt, end="", flush=True)
     while engine.busy:
         for event in engine.step():
+            if event.error:
+                print(f"\nerror: {event.error}", file=sys.stderr)
+                sys.exit(2)
             print(event.text, end="", flush=True)
     print()
 

@@ -2,8 +2,10 @@
 
     python -m launch.serve checkpoint=RUN_DIR inference.replicas=2 [inference.port=8000] [address=HOST:PORT]
 
-POST /v1/completions (OpenAI-style), GET /health, GET /metrics. Binds to 127.0.0.1 unless
-inference.host says otherwise (then inference.token or FORGELINE_SERVE_TOKEN is required).
+OpenAI-style POST /v1/completions and /v1/chat/completions, GET /v1/models, POST /tokenize and
+/detokenize, GET /openapi.json, /health and /metrics. Binds to 127.0.0.1 unless inference.host
+says otherwise (then inference.token or FORGELINE_SERVE_TOKEN is required); the embedded Ray
+cluster binds to 127.0.0.1 too.
 """
 from __future__ import annotations
 
@@ -35,13 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     server = None
     try:
         server = build(cfg)
         i = cfg.inference
         print(f"serving {cfg.checkpoint} with {i.replicas} replica(s) on http://{i.host}:{i.port}", flush=True)
-        web.run_app(server.app, host=i.host, port=i.port, print=None, access_log=None)
+        web.run_app(server.app, host=i.host, port=i.port, print=None, access_log=None, handler_cancellation=True)
     finally:
         if server is not None:
             server.pool.shutdown()

@@ -5,6 +5,7 @@ reports one metrics dict per step through ``report``; only rank 0 reports.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Generator
@@ -18,6 +19,8 @@ from orchestrator.data import BlockSampler, PreparedData, open_blocks
 from orchestrator.models import Llama, LlamaArgs, num_params
 from orchestrator.storage import RunPlaces, Storage
 from strategies.base import EngineContext
+
+log = logging.getLogger(__name__)
 
 
 def model_args(job: JobConfig) -> LlamaArgs:
@@ -190,9 +193,11 @@ class Trainer:
 
     def publish_weights(self) -> dict:
         """Full weights to the inference pool (collective: the state is gathered on rank 0).
-        Rank 0 times the send against a plain in-memory copy of the same tensors."""
+        Rank 0 times the send against a plain in-memory copy of the same tensors. A publish that
+        fails (no such pool, mismatched weights, a replica that did not take them) is logged and
+        counted; training goes on."""
         from orchestrator import lora
-        from orchestrator.inference.server import publish
+        from orchestrator.inference.weights import publish
 
         weights = self.engine.gather_weights()
         if self.rank != 0:
@@ -202,13 +207,22 @@ class Trainer:
             weights = lora.merge(self._pretrained_weights(), weights, opts.rank, opts.alpha)  # adapters -> full
         weights = {k: v.detach().cpu() for k, v in weights.items()}
         start = time.perf_counter()
-        replicas = publish(self.job.inference.pool, weights)
+        replicas, failed = 0, 0
+        try:
+            result = publish(self.job.inference.pool, weights)
+            replicas, failed = result.replicas, len(result.failed)
+            for line in result.failed:
+                log.warning("weight sync at step %d: %s", self.step, line)
+        except Exception as exc:
+            failed = 1
+            log.warning("weight sync at step %d failed: %s", self.step, str(exc).splitlines()[0] if str(exc) else exc)
         sync_s = time.perf_counter() - start
         start = time.perf_counter()
         copied = {k: v.clone() for k, v in weights.items()}
         copy_s = time.perf_counter() - start
         del copied
         return {"inference.sync_s": sync_s, "inference.copy_s": copy_s, "inference.replicas": float(replicas),
+                "inference.sync_failed": float(failed),
                 "inference.bytes": float(sum(v.numel() * v.element_size() for v in weights.values()))}
 
     @property

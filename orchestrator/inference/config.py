@@ -25,6 +25,7 @@ class InferenceConfig:
     block_size: int = 16  # token slots per KV-cache block
     kv_cache_tokens: int = 16384  # token slots in a replica's cache (all layers)
     max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    max_sequences_per_request: int = 64  # prompts x n in one request
     queue_limit: int = 256  # requests in flight over the pool; beyond it the server answers 429
     cpus_per_replica: int = 1
     request_timeout_s: float = 300.0
@@ -32,6 +33,8 @@ class InferenceConfig:
     # Tensor-parallel ranks per replica (each a Ray actor with cpus_per_replica CPUs, or a GPU):
     # heads and the MLP split Megatron-style; must divide the model's heads, KV heads and ffn_dim.
     tp: int = 1
+    # The model id clients name (GET /v1/models); null: the checkpoint as given.
+    model_name: Optional[str] = None
 
 
 @dataclass
@@ -57,9 +60,12 @@ def validate(cfg: ServeConfig) -> None:
 
     i = cfg.inference
     for key in ("replicas", "max_batch", "block_size", "kv_cache_tokens", "max_tokens_limit", "queue_limit",
-                "cpus_per_replica"):
+                "cpus_per_replica", "max_sequences_per_request"):
         if getattr(i, key) < 1:
             raise ConfigError(f"inference.{key}", f"must be >= 1, got {getattr(i, key)}")
+    if not (i.request_timeout_s > 0 and i.request_timeout_s < float("inf")):
+        raise ConfigError("inference.request_timeout_s", f"must be a positive number of seconds, got "
+                                                         f"{i.request_timeout_s}")
     if not 0 <= i.port < 65536:
         raise ConfigError("inference.port", f"must be in [0, 65535], got {i.port}")
     if i.quantize not in ("none", "int8"):
@@ -82,9 +88,13 @@ def validate(cfg: ServeConfig) -> None:
             raise ConfigError("inference.tp", f"must divide the model's {', '.join(f'{k}={v}' for k, v in bad.items())}"
                                               f"; got {i.tp}")
     max_seq_len = shape["max_seq_len"]
-    if i.kv_cache_tokens < max_seq_len:
-        raise ConfigError("inference.kv_cache_tokens", f"must hold at least one whole sequence "
-                                                       f"(max_seq_len={max_seq_len}), got {i.kv_cache_tokens}")
+    blocks = i.kv_cache_tokens // i.block_size
+    if blocks * i.block_size < max_seq_len:
+        raise ConfigError("inference.kv_cache_tokens", f"inference.kv_cache_tokens={i.kv_cache_tokens} in blocks of "
+                                                       f"inference.block_size={i.block_size} ({blocks} whole blocks, "
+                                                       f"{blocks * i.block_size} tokens) cannot hold one sequence of "
+                                                       f"the model's context (max_seq_len={max_seq_len}); raise "
+                                                       "inference.kv_cache_tokens or lower inference.block_size")
 
 
 def compose(overrides: list[str] | None = None) -> ServeConfig:

@@ -8,11 +8,16 @@ its blocks are freed and it waits to be recomputed from its tokens (prompt and o
 
 Batching: each ``step`` first admits waiting requests while blocks and batch slots allow (one
 prefill of all their prompts together, which yields their first tokens), then runs one decode
-step over every running sequence together, each attending over its own blocks. Finished sequences leave at
-once; new ones join at the next step.
+step over every running sequence together, each attending over its own blocks. Finished sequences
+leave at once; new ones join at the next step.
 
-The model's own modules (norms, projections, SwiGLU, output) do the arithmetic; only attention
-is rewritten here, to read and write the blocks.
+The model's own modules do the arithmetic; the engine hands each block an attention hook
+(``Block.forward(..., attend=)``) that writes the new keys and values into the blocks and attends
+over them.
+
+Failures: a request the engine cannot take (``add``) or whose step fails (sampling, or a batched
+forward that fails again when the request runs alone) ends with ``finish_reason`` "error" and a
+message; its blocks are freed and every other request goes on.
 """
 from __future__ import annotations
 
@@ -23,18 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from orchestrator.models.llama import Llama, apply_rope
+from orchestrator.inference.types import MAX_LOGPROBS, MAX_SEED, Event, Request, Stats, TokenLogprob
+from orchestrator.models.llama import Llama, causal_attention
 
-
-@dataclass
-class Request:
-    id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+__all__ = ["GenerationEngine", "Request", "Event", "check_request"]
 
 
 @dataclass
@@ -46,26 +43,22 @@ class Sequence:
     cached: int = 0  # tokens whose keys and values are in the cache
     emitted: str = ""  # text already handed out
     finish_reason: str | None = None
+    error: str | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def output(self) -> list[int]:
         return self.tokens[len(self.request.prompt_ids):]
 
-
-@dataclass
-class Event:
-    """What one step produced for one request: new text, and the end where it ended."""
-
-    id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        r = self.request
+        return r.echo and r.logprobs is not None and not self.prompt_logprobs_sent
 
 
 class BlockPool:
     def __init__(self, n_blocks: int):
+        self.total = n_blocks
         self.free_ids = deque(range(n_blocks))
 
     @property
@@ -80,6 +73,37 @@ class BlockPool:
         blocks.clear()
 
 
+def check_request(r: Request, vocab_size: int, max_seq_len: int) -> None:
+    """Raises ValueError naming the field of a request the engine cannot run."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not r.prompt_ids:
+        raise ValueError("prompt: empty")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in r.prompt_ids):
+        raise ValueError(f"prompt: token ids must be integers in [0, {vocab_size})")
+    if not isinstance(r.max_tokens, int) or r.max_tokens < (0 if r.echo else 1):
+        raise ValueError(f"max_tokens: must be an integer >= {0 if r.echo else 1}, got {r.max_tokens!r}")
+    limit = max_seq_len if r.max_tokens == 0 else max_seq_len - 1
+    if len(r.prompt_ids) > limit:
+        raise ValueError(f"prompt: {len(r.prompt_ids)} tokens; the context holds {max_seq_len} with the first "
+                         "new token")
+    if not number(r.temperature) or not 0 <= r.temperature <= 2:
+        raise ValueError(f"temperature: must be a number in [0, 2], got {r.temperature!r}")
+    if not number(r.top_p) or not 0 < r.top_p <= 1:
+        raise ValueError(f"top_p: must be a number in (0, 1], got {r.top_p!r}")
+    if r.seed is not None and (not isinstance(r.seed, int) or not 0 <= r.seed <= MAX_SEED):
+        raise ValueError(f"seed: must be an integer in [0, {MAX_SEED}], got {r.seed!r}")
+    if r.logprobs is not None and (not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {r.logprobs!r}")
+    if not all(isinstance(s, str) and s for s in r.stop):
+        raise ValueError("stop: must be non-empty strings")
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
 class GenerationEngine:
     def __init__(self, model: Llama, tokenizer, eos_id: int, block_size: int = 16, num_blocks: int = 512,
                  max_batch: int = 32, tp: int = 1):
@@ -90,6 +114,10 @@ class GenerationEngine:
         self.block_size = block_size
         self.max_batch = max_batch
         self.max_seq_len = a.max_seq_len
+        self.vocab_size = a.vocab_size
+        if num_blocks * block_size < a.max_seq_len:
+            raise ValueError(f"a cache of {num_blocks} blocks of {block_size} tokens cannot hold one sequence of "
+                             f"the model's context ({a.max_seq_len} tokens)")
         p = next(model.parameters())
         # A tensor-parallel rank holds its own KV heads only (see replica.shard_blocks).
         shape = (a.n_layers, num_blocks, a.n_kv_heads // tp, block_size, a.head_dim)
@@ -98,12 +126,21 @@ class GenerationEngine:
         self.pool = BlockPool(num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.failed: list[Event] = []  # refused or failed requests, reported by the next step
         self.preemptions = 0
+        self.failures = 0
 
     # -- the queue ---------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(request.seed if request.seed is not None else torch.seed())
+        """Queues a request; one the engine cannot run ends at the next step with an error event."""
+        try:
+            check_request(request, self.vocab_size, self.max_seq_len)
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(request.seed if request.seed is not None else torch.seed())
+        except Exception as exc:
+            self.failures += 1
+            self.failed.append(Event(request.id, "", [], "error", len(request.prompt_ids), 0, error=describe(exc)))
+            return
         self.waiting.append(Sequence(request, list(request.prompt_ids), gen))
 
     def cancel(self, request_id: str) -> None:
@@ -117,7 +154,7 @@ class GenerationEngine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.failed)
 
     def blocks_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.block_size)
@@ -125,22 +162,64 @@ class GenerationEngine:
     # -- one engine step -----------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[Event]:
-        events: list[Event] = []
+        events, self.failed = self.failed, []
         self._admit(events)
         decoding = [s for s in self.running if s.finish_reason is None and s.cached == len(s.tokens) - 1]
         decoding = self._reserve(decoding)
         if decoding:
-            logits = self._decode(decoding)
-            for seq, row in zip(decoding, logits):
-                events.append(self._append(seq, self._sample(seq, row)))
+            for seq, row in self._isolated(self._decode, decoding, events):
+                self._emit(seq, row, events)
         self._retire()
         return events
+
+    def _isolated(self, forward, seqs: list[Sequence], events: list[Event]):
+        """(sequence, logits) of a batched forward; if it raises, each sequence runs alone and
+        only those that fail alone fail."""
+        try:
+            return list(zip(seqs, forward(seqs)))
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail(seqs[0], exc, events)
+                return []
+        out = []
+        for seq in seqs:
+            out += self._isolated(forward, [seq], events)
+        return out
+
+    def _fail(self, seq: Sequence, exc: BaseException, events: list[Event]) -> None:
+        self.failures += 1
+        seq.finish_reason, seq.error = "error", describe(exc)
+        events.append(Event(seq.request.id, "", [], "error", len(seq.request.prompt_ids), len(seq.output),
+                            error=seq.error))
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor, events: list[Event], prompt_logits=None) -> None:
+        """The event of one sequence's step from its next-token logits; a failure fails it alone."""
+        try:
+            prompt_logprobs = None
+            if prompt_logits is not None:
+                prompt_logprobs = self._prompt_logprobs(seq, prompt_logits)
+            if seq.request.max_tokens == 0:  # echo only: the prompt and its log-probabilities
+                seq.finish_reason = "length"
+                events.append(Event(seq.request.id, "", [], "length", len(seq.request.prompt_ids), 0,
+                                    logprobs=None if seq.request.logprobs is None else [],
+                                    prompt_logprobs=prompt_logprobs))
+                return
+            logits = logits.float().cpu()
+            token = self._sample(seq, logits)
+            event = self._append(seq, token)
+            if seq.request.logprobs is not None:
+                event.logprobs = [self._logprob(torch.log_softmax(logits, -1), token, seq.request.logprobs)
+                                  ] if event.token_ids else []
+            event.prompt_logprobs = prompt_logprobs
+            events.append(event)
+        except Exception as exc:
+            self._fail(seq, exc, events)
 
     def _admit(self, events: list[Event]) -> None:
         admitted = []
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            need = self.blocks_for(len(seq.tokens) + 1)
+            need = self.blocks_for(min(len(seq.tokens) + 1, self.max_seq_len))
             if need > self.pool.n_free:
                 break  # memory scheduling: wait for blocks to come free
             self.waiting.popleft()
@@ -148,8 +227,8 @@ class GenerationEngine:
             self.running.append(seq)
             admitted.append(seq)
         if admitted:  # one prefill for all of them
-            for seq, logits in zip(admitted, self._prefill(admitted)):
-                events.append(self._append(seq, self._sample(seq, logits)))
+            for seq, (logits, prompt_logits) in self._isolated(self._prefill, admitted, events):
+                self._emit(seq, logits, events, prompt_logits)
 
     def _reserve(self, decoding: list[Sequence]) -> list[Sequence]:
         """A block for each sequence whose next token starts one; preempts the newest when short."""
@@ -179,18 +258,37 @@ class GenerationEngine:
             self.pool.give(seq.blocks)
             self.running.remove(seq)
 
-    # -- sampling and stopping -----------------------------------------------------------
+    # -- sampling, log-probabilities and stopping ----------------------------------------
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         r = seq.request
-        logits = logits.float().cpu()
         if r.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / r.temperature, dim=-1)
+        # The largest logit is subtracted first: any positive temperature, however small, gives
+        # finite numbers (the most likely token 1, the others 0 or more).
+        probs = torch.softmax((logits - logits.max()) / r.temperature, dim=-1)
         if r.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < r.top_p  # the smallest set reaching top_p
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    @staticmethod
+    def _logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        """The token's log-probability under the model (before temperature) and the top k."""
+        top = ()
+        if k:
+            values, ids = logprobs.topk(k)
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        return TokenLogprob(token, float(logprobs[token]), top)
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
+        """logits (prompt length, vocab): the first prompt token has none; each later one is
+        scored by the logits after the token before it."""
+        seq.prompt_logprobs_sent = True
+        ids = list(seq.request.prompt_ids)
+        logprobs = torch.log_softmax(logits.float().cpu(), -1)
+        k = seq.request.logprobs
+        return [TokenLogprob(ids[0], None)] + [self._logprob(logprobs[j - 1], ids[j], k) for j in range(1, len(ids))]
 
     def _append(self, seq: Sequence, token: int) -> Event:
         r = seq.request
@@ -213,71 +311,74 @@ class GenerationEngine:
                      prompt_tokens=len(r.prompt_ids), completion_tokens=len(seq.output))
 
     # -- the model with the block cache --------------------------------------------------
-    def _qkv(self, attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        b, t, _ = h.shape
-        hd = attn.head_dim
-        q = attn.wq(h).view(b, t, -1, hd).transpose(1, 2)
-        k = attn.wk(h).view(b, t, -1, hd).transpose(1, 2)
-        v = attn.wv(h).view(b, t, -1, hd).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    def _slots(self, seqs: list[Sequence], positions: torch.Tensor, rows: torch.Tensor):
+        """(block, offset) of each (row, position) pair's cache slot."""
+        width = max(len(s.blocks) for s in seqs)
+        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.k.device)
+        return table, table[rows, positions // self.block_size], positions % self.block_size
 
-    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _prefill(self, seqs: list[Sequence]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Runs all tokens of the sequences as one batch (right-padded: under the causal mask no
-        real token sees the padding), fills their blocks; the logits after each one's last token."""
+        real token sees the padding) and fills their blocks. Per sequence: the logits after its
+        last token, and those of every prompt position where its request echoes log-probabilities."""
         m = self.model
         dev = self.k.device
         lengths = torch.tensor([len(s.tokens) for s in seqs], device=dev)
         t = int(lengths.max())
         ids = torch.tensor([s.tokens + [0] * (t - len(s.tokens)) for s in seqs], device=dev)
-        width = max(len(s.blocks) for s in seqs)
-        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=dev)
-        # The cache slot of every real token: (row, position) -> (block, offset).
         rows, pos = (torch.arange(t, device=dev)[None, :] < lengths[:, None]).nonzero(as_tuple=True)
-        block_of, offset = table[rows, pos // self.block_size], pos % self.block_size
-        cos, sin = m.rope_cos[:t], m.rope_sin[:t]
+        _, block_of, offset = self._slots(seqs, pos, rows)
+
+        def attend(i: int):
+            def fn(q, k, v):
+                self.k[i][block_of, :, offset] = k[rows, :, pos]
+                self.v[i][block_of, :, offset] = v[rows, :, pos]
+                return causal_attention(q, k, v)
+            return fn
+
         h = m.tok_embeddings(ids)
+        cos, sin = m.rope_cos[:t], m.rope_sin[:t]
         for i, layer in enumerate(m.layers.values()):
-            q, k, v = self._qkv(layer.attn, layer.attn_norm(h), cos, sin)  # (batch, heads, t, head_dim)
-            self.k[i][block_of, :, offset] = k[rows, :, pos]
-            self.v[i][block_of, :, offset] = v[rows, :, pos]
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-            h = h + layer.attn.wo(out.transpose(1, 2).reshape(len(seqs), t, -1))
-            h = h + layer.mlp(layer.mlp_norm(h))
+            h = layer(h, cos, sin, attend=attend(i))
         for s in seqs:
             s.cached = len(s.tokens)
-        last = h[torch.arange(len(seqs), device=dev), lengths - 1]
-        return m.output(m.norm(last))
+        last = m.output(m.norm(h[torch.arange(len(seqs), device=dev), lengths - 1]))
+        out = []
+        for n, s in enumerate(seqs):
+            prompt = m.output(m.norm(h[n, : len(s.request.prompt_ids)])) if s.wants_prompt_logprobs else None
+            out.append((last[n], prompt))
+        return out
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token for each sequence, attending over its blocks; logits (S, vocab)."""
         m = self.model
         dev = self.k.device
+        n = len(seqs)
         pos = torch.tensor([s.cached for s in seqs], device=dev)
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)
-        width = max(len(s.blocks) for s in seqs)
-        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=dev)
-        block_of = table.gather(1, (pos // self.block_size)[:, None])[:, 0]
-        offset = pos % self.block_size
-        visible = torch.arange(width * self.block_size, device=dev)[None, :] <= pos[:, None]
-        mask = visible[:, None, None, :]
-        cos, sin = m.rope_cos[pos][:, None, None, :], m.rope_sin[pos][:, None, None, :]
+        table, block_of, offset = self._slots(seqs, pos, torch.arange(n, device=dev))
+        span = table.shape[1] * self.block_size
+        mask = (torch.arange(span, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+
+        def attend(i: int):
+            def fn(q, k, v):
+                keys, values = self.k[i], self.v[i]
+                keys[block_of, :, offset] = k[:, :, 0]
+                values[block_of, :, offset] = v[:, :, 0]
+                heads = keys.shape[1]
+                ks = keys[table].transpose(1, 2).reshape(n, heads, span, -1)
+                vs = values[table].transpose(1, 2).reshape(n, heads, span, -1)
+                return F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=q.shape[1] != heads)
+            return fn
+
         h = m.tok_embeddings(ids)
-        n = len(seqs)
+        cos, sin = m.rope_cos[pos][:, None, None, :], m.rope_sin[pos][:, None, None, :]
         for i, layer in enumerate(m.layers.values()):
-            q, k, v = self._qkv(layer.attn, layer.attn_norm(h), cos, sin)
-            keys, values = self.k[i], self.v[i]
-            keys[block_of, :, offset] = k[:, :, 0]
-            values[block_of, :, offset] = v[:, :, 0]
-            kv_heads = keys.shape[1]
-            ks = keys[table].transpose(1, 2).reshape(n, kv_heads, width * self.block_size, -1)
-            vs = values[table].transpose(1, 2).reshape(n, kv_heads, width * self.block_size, -1)
-            out = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=q.shape[1] != kv_heads)
-            h = h + layer.attn.wo(out.transpose(1, 2).reshape(n, 1, -1))
-            h = h + layer.mlp(layer.mlp_norm(h))
+            h = layer(h, cos, sin, attend=attend(i))
         for s in seqs:
             s.cached += 1
         return m.output(m.norm(h[:, -1]))
 
-    def stats(self) -> dict:
-        return {"waiting": len(self.waiting), "running": len(self.running), "free_blocks": self.pool.n_free,
-                "preemptions": self.preemptions}
+    def stats(self) -> Stats:
+        return Stats(len(self.waiting), len(self.running), self.pool.n_free, self.pool.total, self.preemptions,
+                     failed_requests=self.failures)

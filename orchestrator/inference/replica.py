@@ -7,14 +7,16 @@ event loop, so new requests and weight swaps land between decode steps.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
-from dataclasses import asdict
 from datetime import timedelta
 
 import torch
 
-from orchestrator.inference.engine import GenerationEngine, Request
+from orchestrator.inference.engine import GenerationEngine
+from orchestrator.inference.types import EngineOptions, Event, Request, Stats
+from orchestrator.inference.weights import WeightMismatch, check, expected_shapes
 
 
 def load_model(checkpoint: str, device: str = "cpu", quantize: str = "none"):
@@ -64,38 +66,39 @@ def shard_blocks(model, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, block_plan())
 
 
-def build_engine(checkpoint: str, options: dict, threads: int, rank: int = 0,
-                 rendezvous: tuple[str, int] | None = None):
-    """(engine, tokenizer) of one replica rank. With options["tp"] > 1 the rank joins the
+def build_engine(checkpoint: str, options: EngineOptions, rank: int = 0, rendezvous: tuple[str, int] | None = None):
+    """(engine, tokenizer) of one replica rank. With options.tp > 1 the rank joins the
     replica's process group at ``rendezvous`` (blocking until every rank has) and keeps its
     slice of the blocks and of the KV cache."""
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, options.threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tp = options.get("tp", 1)
-    model, tokenizer, eos = load_model(checkpoint, device, options.get("quantize", "none"))
-    if tp > 1:
+    model, tokenizer, eos = load_model(checkpoint, device, options.quantize)
+    if options.tp > 1:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         addr, port = rendezvous
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
-                                rank=rank, world_size=tp, timeout=timedelta(seconds=options.get("tp_timeout_s", 120)))
-        shard_blocks(model, init_device_mesh(device, (tp,)))
-    engine = GenerationEngine(model, tokenizer, eos, block_size=options["block_size"],
-                              num_blocks=options["kv_cache_tokens"] // options["block_size"],
-                              max_batch=options["max_batch"], tp=tp)
+                                rank=rank, world_size=options.tp, timeout=timedelta(seconds=options.tp_timeout_s))
+        shard_blocks(model, init_device_mesh(device, (options.tp,)))
+    engine = GenerationEngine(model, tokenizer, eos, block_size=options.block_size, num_blocks=options.num_blocks,
+                              max_batch=options.max_batch, tp=options.tp)
     return engine, tokenizer
 
 
-def load_into(model, weights: dict) -> None:
+def load_into(model, weights: dict, expected: dict) -> None:
     """Copies full weights (our names) into the model's parameters, each rank keeping its slice
-    of a tensor-parallel parameter."""
+    of a tensor-parallel parameter; all of them or, when any does not match, none."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    from orchestrator.inference.quantize import Int8Linear
+
+    check(weights, expected)
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        # The int8 layers hold no parameters of those names: a sync would keep the old weights.
+        raise WeightMismatch("weight sync into an int8-quantized replica is not supported")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name not in weights:
-                continue
             w = weights[name].to(p.device, p.dtype)
             if isinstance(p, DTensor):
                 # Every rank has the full tensor: each keeps its slice, no communication.
@@ -105,41 +108,45 @@ def load_into(model, weights: dict) -> None:
                 p.copy_(w)
 
 
-def apply(engine: GenerationEngine, adds: list[dict], cancels: list[str]) -> None:
-    for request in adds:
-        engine.add(Request(**request))
-    for rid in cancels:
-        engine.cancel(rid)
-
-
 class Shard:
     """Rank > 0 of a tensor-parallel replica: its slice of the model and of the KV cache. It runs
     the engine steps its leader sends, with the same requests in the same order, so that every
     rank schedules the same sequences and meets the leader in each step's all-reduces."""
 
-    def __init__(self, checkpoint: str, options: dict, threads: int, rank: int):
-        self.args = (checkpoint, options, threads, rank)
+    def __init__(self, checkpoint: str, options: EngineOptions, rank: int):
+        self.args = (checkpoint, options, rank)
         self.engine = None
 
     def join(self, addr: str, port: int) -> int:
-        checkpoint, options, threads, rank = self.args
-        self.engine, _ = build_engine(checkpoint, options, threads, rank, (addr, port))
+        checkpoint, options, rank = self.args
+        self.engine, _ = build_engine(checkpoint, options, rank, (addr, port))
+        self.expected = expected_shapes(self.engine.model)
         return os.getpid()
 
-    def step(self, adds: list[dict], cancels: list[str]) -> None:
+    def step(self, adds: list[Request], cancels: list[str]) -> None:
         apply(self.engine, adds, cancels)
         self.engine.step()
 
     def load_weights(self, weights: dict) -> None:
-        load_into(self.engine.model, weights)
+        load_into(self.engine.model, weights, self.expected)
+
+
+def apply(engine: GenerationEngine, adds: list[Request], cancels: list[str]) -> None:
+    for request in adds:
+        engine.add(request)
+    for rid in cancels:
+        engine.cancel(rid)
 
 
 class Replica:
-    def __init__(self, checkpoint: str, options: dict, threads: int = 1):
+    """One replica (the leader rank of a tensor-parallel one). ``store``: the pool's weight
+    store, whose latest weights it loads before it reports ready."""
+
+    def __init__(self, checkpoint: str, options: EngineOptions, store=None):
         self.shards: list = []
+        self.store = store
         rendezvous = None
-        tp = options.get("tp", 1)
-        if tp > 1:  # ranks 1.. are actors of their own, owned by this one (they die with it)
+        if options.tp > 1:  # ranks 1.. are actors of their own, owned by this one (they die with it)
             import ray
 
             from orchestrator.worker import free_port
@@ -147,21 +154,29 @@ class Replica:
             rendezvous = (ray.util.get_node_ip_address(), free_port())
             gpus = 1 if torch.cuda.is_available() else 0
             shard_cls = ray.remote(Shard)
-            self.shards = [shard_cls.options(num_cpus=threads, num_gpus=gpus).remote(checkpoint, options, threads, r)
-                           for r in range(1, tp)]
+            self.shards = [shard_cls.options(num_cpus=options.threads, num_gpus=gpus).remote(checkpoint, options, r)
+                           for r in range(1, options.tp)]
             joined = [s.join.remote(*rendezvous) for s in self.shards]
-        self.engine, self.tokenizer = build_engine(checkpoint, options, threads, 0, rendezvous)
+        self.engine, self.tokenizer = build_engine(checkpoint, options, 0, rendezvous)
+        self.expected = expected_shapes(self.engine.model)
         if self.shards:
             ray.get(joined)
-        self.adds: list[dict] = []  # requests and cancellations for the next step, on every rank
+        self.adds: list[Request] = []  # requests and cancellations for the next step, on every rank
         self.cancels: list[str] = []
+        self.confirm: list[asyncio.Future] = []  # cancellations waiting for the step that applies them
         self.queues: dict[str, asyncio.Queue] = {}
         self.wake: asyncio.Event | None = None
         self.loop: asyncio.Task | None = None
         self.steps = 0
+        self.version = 0
+        self.engine_faults = 0
 
-    def ready(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.engine.k.device)}
+    async def ready(self) -> dict:
+        if self.store is not None:
+            version, refs = await self.store.latest.remote()
+            if refs and version > self.version:
+                await self.load_weights(await refs[0], version)
+        return {"pid": os.getpid(), "device": str(self.engine.k.device), "weights_version": self.version}
 
     async def _run(self) -> None:
         while True:
@@ -169,17 +184,24 @@ class Replica:
                 self.wake.clear()
                 await self.wake.wait()
             adds, cancels, self.adds, self.cancels = self.adds, self.cancels, [], []
+            confirm, self.confirm = self.confirm, []
+            followers = [s.step.remote(adds, cancels) for s in self.shards]
             try:
-                followers = [s.step.remote(adds, cancels) for s in self.shards]
                 apply(self.engine, adds, cancels)
                 events = self.engine.step()
+            except Exception as exc:  # the engine fails requests alone; this is a fault of its own
+                events = self._reset(exc)
+            try:
                 if followers:
                     await asyncio.gather(*followers)
-            except Exception:  # a broken engine or a lost rank: die, and the pool replaces this replica
+            except Exception:  # a lost tensor-parallel rank: a real fault; the pool replaces this replica
                 import traceback
 
                 traceback.print_exc()
                 os._exit(1)
+            for future in confirm:
+                if not future.done():
+                    future.set_result(None)
             for event in events:
                 queue = self.queues.get(event.id)
                 if queue is not None:
@@ -187,17 +209,33 @@ class Replica:
             self.steps += 1
             await asyncio.sleep(0)  # let new requests and weight swaps in between steps
 
+    def _reset(self, exc: Exception) -> list[Event]:
+        """An engine step raised outside any one request: every request in it ends with the error
+        and the engine starts clean (all blocks free); the replica keeps serving."""
+        import traceback
+
+        from orchestrator.inference.engine import describe
+
+        traceback.print_exc()
+        self.engine_faults += 1
+        e = self.engine
+        held = [s.request for s in list(e.waiting) + e.running]
+        e.waiting.clear()
+        e.running.clear()
+        e.pool = type(e.pool)(e.pool.total)
+        return [Event(r.id, "", [], "error", len(r.prompt_ids), error=describe(exc)) for r in held]
+
     def _ensure_loop(self) -> None:
         if self.loop is None or self.loop.done():
             self.wake = self.wake or asyncio.Event()
             self.loop = asyncio.get_running_loop().create_task(self._run())
 
-    async def generate(self, request: dict):
-        """Streams the request's events (dicts) until it finishes."""
+    async def generate(self, request: Request):
+        """Streams the request's events until it finishes (or fails: finish_reason "error")."""
         self._ensure_loop()
-        rid = request["id"]
-        if request.get("seed") is None:  # drawn here, so that every tensor-parallel rank samples alike
-            request = {**request, "seed": random.randrange(2**63)}
+        rid = request.id
+        if request.seed is None:  # drawn here, so that every tensor-parallel rank samples alike
+            request = dataclasses.replace(request, seed=random.randrange(2**63))
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[rid] = queue
         self.adds.append(request)
@@ -207,38 +245,49 @@ class Replica:
             while not finished:
                 event = await queue.get()
                 finished = event.finish_reason is not None
-                yield asdict(event)
+                yield event
         finally:
             self.queues.pop(rid, None)
             if not finished:
                 self.cancels.append(rid)
                 self.wake.set()
 
-    async def complete(self, request: dict) -> dict:
-        """The whole request at once (one Ray round trip rather than one per token): an event
-        with all of its text and tokens."""
-        text, tokens, last = [], [], None
+    async def complete(self, request: Request) -> Event:
+        """The whole request at once (one Ray round trip rather than one per token)."""
+        whole = None
         async for event in self.generate(request):
-            text.append(event["text"])
-            tokens += event["token_ids"]
-            last = event
-        return {**last, "text": "".join(text), "token_ids": tokens}
+            whole = event if whole is None else whole.merge(event)
+        return whole
 
-    async def load_weights(self, weights: dict) -> int:
-        """Swaps in new weights (our parameter names) between two engine steps; returns the step."""
-        from orchestrator.inference.quantize import Int8Linear
+    async def cancel(self, request_id: str) -> int:
+        """Ends the request (its blocks are free when this returns); the free block count."""
+        self._ensure_loop()
+        self.queues.pop(request_id, None)
+        self.cancels.append(request_id)
+        future = asyncio.get_running_loop().create_future()
+        self.confirm.append(future)
+        self.wake.set()
+        await future
+        return self.engine.pool.n_free
 
-        model = self.engine.model
-        if any(isinstance(m, Int8Linear) for m in model.modules()):
-            # The int8 layers hold no parameters of those names: a sync would keep the old weights.
-            raise ValueError("weight sync into an int8-quantized replica is not supported")
+    async def load_weights(self, weights: dict, version: int = 0) -> int:
+        """Swaps in new weights (our parameter names) between two engine steps, all or none;
+        returns the version served. A version older than the one served is ignored."""
+        if version and version <= self.version:
+            return self.version
+        check(weights, self.expected)  # before any rank copies anything
         # The shards take them after the steps already sent to them and before the next; this rank
         # takes them now, with no await before, so that no step of ours runs in between.
         taken = [s.load_weights.remote(weights) for s in self.shards]
-        load_into(model, weights)
+        load_into(self.engine.model, weights, self.expected)
+        if version:
+            self.version = version
         if taken:
             await asyncio.gather(*taken)
-        return self.steps
+        return self.version
 
-    def stats(self) -> dict:
-        return {**self.engine.stats(), "steps": self.steps}
+    def stats(self) -> Stats:
+        stats = self.engine.stats()
+        stats.steps, stats.weights_version = self.steps, self.version
+        stats.extra = {"engine_faults": self.engine_faults}
+        return stats

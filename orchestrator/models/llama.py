@@ -62,9 +62,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend=None) -> torch.Tensor:
+        """x (B, T, dim); cos and sin broadcast against (B, heads, T, head_dim / 2): the rows of
+        the T positions, or one row per sequence. ``attend(q, k, v)`` -> (B, heads, T, head_dim)
+        replaces causal attention over x itself: the hook an inference engine gives to attend
+        over its cache (q, k rotated; k and v with the KV heads this module holds)."""
         bsz, seqlen, _ = x.shape
-        cos, sin = cos[:seqlen], sin[:seqlen]
         # -1 rather than the configured head count: under tensor parallel the
         # projections hold a slice of the heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
@@ -72,9 +75,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = (attend or causal_attention)(q, k, v)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.wo(out)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class FeedForward(nn.Module):
@@ -98,8 +105,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, attend)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -157,8 +164,9 @@ class Llama(nn.Module):
         it then maps its input activations to its output activations.
         """
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        t = h.shape[1]
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, self.rope_cos[:t], self.rope_sin[:t])
         if self.norm is not None:
             h = self.norm(h)
         return h if self.output is None else self.output(h)

@@ -1,0 +1,84 @@
+"""The typed values that cross Ray between the HTTP front, the pool and the replicas: engine
+options, one generation request, and what a step produced for it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 5  # the most alternatives per position a request may ask for (OpenAI's limit)
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    block_size: int = 16  # token slots per KV-cache block
+    kv_cache_tokens: int = 16384  # token slots in the cache (all layers)
+    max_batch: int = 32  # sequences decoded together
+    quantize: str = "none"  # none | int8
+    tp: int = 1  # tensor-parallel ranks
+    threads: int = 1  # torch threads per rank
+    tp_timeout_s: float = 120.0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache_tokens // self.block_size
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sequence to generate. ``logprobs``: None, or k in [0, 5]: each new token's
+    log-probability and the k most likely tokens at its position; with ``echo`` the prompt's
+    positions too (the first has none). ``max_tokens`` may be 0 only with ``echo``."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float | None  # None: the first prompt token, which nothing predicts
+    top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), most likely first
+
+
+@dataclass
+class Event:
+    """What one step produced for one request: new text and tokens, and the end where it ended.
+    ``error`` names why a request failed (``finish_reason`` "error"); it fails alone."""
+
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids
+    prompt_logprobs: list[TokenLogprob] | None = None  # with echo, in the request's first event
+    error: str | None = None
+
+    def merge(self, later: "Event") -> "Event":
+        """This event followed by a later one of the same request, as one."""
+        return Event(self.id, self.text + later.text, self.token_ids + later.token_ids, later.finish_reason,
+                     later.prompt_tokens, later.completion_tokens,
+                     None if self.logprobs is None and later.logprobs is None
+                     else (self.logprobs or []) + (later.logprobs or []),
+                     self.prompt_logprobs or later.prompt_logprobs, later.error or self.error)
+
+
+@dataclass
+class Stats:
+    waiting: int
+    running: int
+    free_blocks: int
+    total_blocks: int
+    preemptions: int
+    steps: int = 0
+    failed_requests: int = 0
+    weights_version: int = 0
+    extra: dict = field(default_factory=dict)
