@@ -112,6 +112,12 @@ def single_run(tmp_path_factory, data_cache, name: str, *extra: str) -> tuple[Pa
 
 
 @pytest.fixture(scope="session")
+def serve_source(ray_cluster, tmp_path_factory, data_cache) -> Path:
+    """A checkpoint to serve whose greedy continuations vary (weights drawn wide, two steps)."""
+    return single_run(tmp_path_factory, data_cache, "serve-source", "trainer.max_steps=2", "model.init_std=0.3")[0]
+
+
+@pytest.fixture(scope="session")
 def reference(ray_cluster, tmp_path_factory, data_cache) -> dict:
     """The single-process run every strategy is compared with."""
     from orchestrator.config import compose

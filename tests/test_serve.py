@@ -1,10 +1,13 @@
-"""The inference pool: greedy output equals the plain model's, bad input gets a 4xx naming the
-field, the queue limit answers 429, a dead replica is replaced while requests complete, and a
-weight sync during traffic switches greedy output to the new weights."""
+"""The inference pool: greedy output equals the plain model's (with n and logprobs too), bad
+input gets a 4xx naming the field, the queue limit answers 429, a request that fails in the
+engine fails alone, a dead replica is replaced while requests complete and serves the latest
+published weights, a weight sync during traffic switches greedy output to the new weights, and
+a sync that does not match the model changes nothing."""
 from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,17 +20,17 @@ from orchestrator.inference.client import Client, ServerError
 from orchestrator.inference.config import compose
 from orchestrator.inference.replica import load_model
 from orchestrator.inference.server import Background, build
+from orchestrator.inference.types import Request
+from orchestrator.inference.weights import WeightMismatch
 from orchestrator.job import run_job
 from orchestrator.models.generate import sample
-from tests.conftest import parity_overrides, single_run
-
-PROMPTS = ["ROMEO:", "First Citizen:\nWe are", "O", "KING HENRY", "What say you, my lord? I"]
+from tests.conftest import parity_overrides
+from tests.serving import PROMPTS, logprobs_of, on_replica, perturbed, reference, replica_pids, replica_stats
 
 
 @pytest.fixture(scope="module")
-def source(ray_cluster, tmp_path_factory, data_cache):
-    """A checkpoint whose greedy continuations vary (weights drawn wide, two steps)."""
-    return single_run(tmp_path_factory, data_cache, "serve-source", "trainer.max_steps=2", "model.init_std=0.3")[0]
+def source(serve_source):
+    return serve_source
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +40,6 @@ def server(source):
                                    "inference.block_size=8", "inference.kv_cache_tokens=512"])))
     yield bg
     bg.stop()
-
-
-def reference(model, tok, eos, prompt: str, n: int) -> str:
-    ids = sample(model, tok.encode(prompt).ids, n, model.args.max_seq_len, temperature=0, stop_id=eos)
-    return tok.decode(ids)
 
 
 def test_greedy_equals_plain_model_under_concurrency(server, source):
@@ -123,6 +121,55 @@ def test_bearer_token(server, source):
     assert err.value.key == "inference.token"
 
 
+def test_n_and_logprobs_keep_greedy_output_and_match_the_model(server, source):
+    """n greedy samples are all the plain model's text; logprobs (with echo: the prompt's too) are
+    the model's own log-softmax, and top-k lists its most likely tokens."""
+    model, tok, eos = load_model(str(source))
+    client = Client(server.url)
+    want = reference(model, tok, eos, PROMPTS[1], 12)
+    got = client.complete(PROMPTS[1], max_tokens=12, temperature=0, n=3)
+    assert [c["text"] for c in got["choices"]] == [want] * 3 and [c["index"] for c in got["choices"]] == [0, 1, 2]
+    got = client.complete(PROMPTS[1], max_tokens=12, temperature=0, logprobs=3, echo=True)["choices"][0]
+    prompt_ids = tok.encode(PROMPTS[1]).ids
+    assert got["text"] == PROMPTS[1] + want
+    lp = got["logprobs"]
+    ids = prompt_ids + sample(model, prompt_ids, 12, model.args.max_seq_len, temperature=0, stop_id=eos)
+    direct = logprobs_of(model, ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["token_logprobs"]) == len(ids) and lp["tokens"] == [tok.decode([t]) for t in ids]
+    for j in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][j] - float(direct[j - 1, ids[j]])) < 1e-4, j
+        top = direct[j - 1].topk(3)
+        assert max(lp["top_logprobs"][j].values()) == pytest.approx(float(top.values[0]), abs=1e-4)
+    # Token-id prompts and max_tokens=0 with echo (how lm-eval scores a continuation).
+    scored = client.post("/v1/completions", {"prompt": [prompt_ids], "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][:len(prompt_ids)])
+    assert scored["usage"]["completion_tokens"] == 0
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(server, source):
+    """Values that once killed a replica (a denormal temperature or top_p) are served; a request the
+    engine cannot run (sent past the HTTP checks) fails with an error naming the cause while a
+    request beside it completes; no replica restarts."""
+    model, tok, eos = load_model(str(source))
+    client = Client(server.url)
+    pool = server.server.pool
+    pids, replaced = replica_pids(server), pool.replaced
+    want = reference(model, tok, eos, PROMPTS[0], 12)
+    for options in ({"temperature": 5e-324}, {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 2.2250738585072014e-308}):
+        assert client.complete(PROMPTS[0], max_tokens=12, **options)["choices"][0]["text"] == want, options
+    slot = pool.slots[0]
+    bad = Request("poison", (10**9,), 4)
+    good = Request("good", tuple(tok.encode(PROMPTS[0]).ids), 12)
+    with ThreadPoolExecutor(2) as ex:
+        bad_f, good_f = ex.submit(on_replica, server, slot, bad), ex.submit(on_replica, server, slot, good)
+        failed, ok = bad_f.result(60), good_f.result(60)
+    assert failed.finish_reason == "error" and "prompt" in failed.error, failed
+    assert ok.text == want and ok.error is None
+    assert replica_pids(server) == pids and pool.replaced == replaced
+    assert all(s.free_blocks == s.total_blocks for s in replica_stats(server))
+
+
 def test_dead_replica_is_replaced_and_requests_complete(server, source):
     model, tok, eos = load_model(str(source))
     client = Client(server.url)
@@ -149,6 +196,54 @@ def test_dead_replica_is_replaced_and_requests_complete(server, source):
     assert pool.replaced >= 1
     assert client.health()["replicas"] == 2
     assert client.complete(PROMPTS[0], max_tokens=4, temperature=0)["choices"]
+
+
+def test_a_replacement_replica_serves_the_latest_published_weights(server, source):
+    model, tok, eos = load_model(str(source))
+    client = Client(server.url)
+    pool = server.server.pool
+    new = perturbed(model, 5)
+    result = server.call(pool.load_weights(new))
+    assert result.replicas == 2 and not result.failed
+    model.load_state_dict(new)
+    want = reference(model, tok, eos, PROMPTS[2], 16)
+    replaced = pool.replaced
+    ray.kill(pool.slots[1].handle, no_restart=True)
+    deadline = time.monotonic() + 60
+    while pool.replaced == replaced and time.monotonic() < deadline:  # requests, or the watch, find it
+        assert client.complete(PROMPTS[2], max_tokens=16, temperature=0)["choices"][0]["text"] == want
+        time.sleep(0.2)
+    assert pool.replaced == replaced + 1
+    ray.get(pool.slots[1].ready, timeout=120)
+    fresh = on_replica(server, pool.slots[1], Request("fresh", tuple(tok.encode(PROMPTS[2]).ids), 16))
+    assert fresh.text == want
+    assert [s.weights_version for s in replica_stats(server)] == [result.version] * 2
+
+
+def test_a_weight_sync_that_does_not_match_changes_nothing(server, source):
+    """Names and shapes are checked before any tensor is copied: a sync with one mis-shaped layer
+    (late in the order), an unknown name or a missing one is refused by the pool and by a
+    replica sent it directly, and every replica serves what it served."""
+    model, tok, eos = load_model(str(source))
+    client = Client(server.url)
+    pool = server.server.pool
+    before = [client.complete(p, max_tokens=16, temperature=0)["choices"][0]["text"] for p in PROMPTS[:3]]
+    new = perturbed(model, 6)
+    last = [k for k in new if k.endswith("w_down.weight")][-1]
+    bad_shape = {**new, last: new[last][:, :-1]}
+    unknown = {**new, "layers.99.attn.wq.weight": new[last]}
+    missing = {k: v for k, v in new.items() if k != last}
+    for weights, words in ((bad_shape, "shape"), (unknown, "unknown"), (missing, "missing")):
+        with pytest.raises(WeightMismatch, match=words):
+            server.call(pool.load_weights(weights))
+        with pytest.raises(WeightMismatch, match=words):
+            ray.get(pool.slots[0].handle.load_weights.remote(weights, 0))
+    after = [client.complete(p, max_tokens=16, temperature=0)["choices"][0]["text"] for p in PROMPTS[:3]]
+    assert after == before
+    with pytest.raises(ConfigError) as err:  # 3 blocks of 40 tokens cannot hold the context of 128
+        compose([f"checkpoint={source}", "inference.block_size=40", "inference.kv_cache_tokens=130"])
+    assert err.value.key == "inference.kv_cache_tokens" and "inference.block_size=40" in err.value.message
+    assert "max_seq_len=128" in err.value.message
 
 
 def test_weight_sync_during_traffic(server, source):

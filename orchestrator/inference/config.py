@@ -28,7 +28,8 @@ class InferenceConfig:
     max_sequences_per_request: int = 64  # prompts x n in one request
     queue_limit: int = 256  # requests in flight over the pool; beyond it the server answers 429
     cpus_per_replica: int = 1
-    request_timeout_s: float = 300.0
+    request_timeout_s: float = 300.0  # every request, streams included
+    health_interval_s: float = 2.0  # how often the pool checks that idle replicas are alive
     quantize: str = "none"  # none | int8 (weight-only)
     # Tensor-parallel ranks per replica (each a Ray actor with cpus_per_replica CPUs, or a GPU):
     # heads and the MLP split Megatron-style; must divide the model's heads, KV heads and ffn_dim.
@@ -63,9 +64,9 @@ def validate(cfg: ServeConfig) -> None:
                 "cpus_per_replica", "max_sequences_per_request"):
         if getattr(i, key) < 1:
             raise ConfigError(f"inference.{key}", f"must be >= 1, got {getattr(i, key)}")
-    if not (i.request_timeout_s > 0 and i.request_timeout_s < float("inf")):
-        raise ConfigError("inference.request_timeout_s", f"must be a positive number of seconds, got "
-                                                         f"{i.request_timeout_s}")
+    for key in ("request_timeout_s", "health_interval_s"):
+        if not 0 < getattr(i, key) < float("inf"):
+            raise ConfigError(f"inference.{key}", f"must be a positive number of seconds, got {getattr(i, key)}")
     if not 0 <= i.port < 65536:
         raise ConfigError("inference.port", f"must be in [0, 65535], got {i.port}")
     if i.quantize not in ("none", "int8"):

@@ -129,6 +129,7 @@ class GenerationEngine:
         self.failed: list[Event] = []  # refused or failed requests, reported by the next step
         self.preemptions = 0
         self.failures = 0
+        self.cancellations = 0  # requests ended by cancel() before they finished
 
     # -- the queue ---------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -147,9 +148,11 @@ class GenerationEngine:
         for seq in list(self.waiting):
             if seq.request.id == request_id:
                 self.waiting.remove(seq)
+                self.cancellations += 1
         for seq in self.running:
-            if seq.request.id == request_id:
+            if seq.request.id == request_id and seq.finish_reason is None:
                 seq.finish_reason = "cancelled"
+                self.cancellations += 1
         self._retire()
 
     @property
@@ -263,12 +266,15 @@ class GenerationEngine:
         r = seq.request
         if r.temperature <= 0:
             return int(logits.argmax())
-        # The largest logit is subtracted first: any positive temperature, however small, gives
-        # finite numbers (the most likely token 1, the others 0 or more).
+        # In float64 (where every positive number JSON can write is above zero) and with the
+        # largest logit subtracted first, any positive temperature gives finite numbers: the most
+        # likely token 1, the others 0 or more.
+        logits = logits.double()
         probs = torch.softmax((logits - logits.max()) / r.temperature, dim=-1)
         if r.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < r.top_p  # the smallest set reaching top_p
+            keep[0] = True
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
@@ -381,4 +387,4 @@ class GenerationEngine:
 
     def stats(self) -> Stats:
         return Stats(len(self.waiting), len(self.running), self.pool.n_free, self.pool.total, self.preemptions,
-                     failed_requests=self.failures)
+                     failed_requests=self.failures, cancelled_requests=self.cancellations)

@@ -61,17 +61,18 @@ class Ticket:
 
 
 class Pool:
-    def __init__(self, cfg: ServeConfig, expected: dict[str, tuple[int, ...]]):
+    def __init__(self, cfg: ServeConfig, expected: dict[str, tuple[int, ...]], replica_cls=None):
         from orchestrator.inference.replica import Replica
 
         self.cfg = cfg
         self.options = engine_options(cfg)
-        self.actor_cls = ray.remote(Replica)
+        self.actor_cls = ray.remote(replica_cls or Replica)
         self.store = ray.remote(WeightStore).options(name=store_name(cfg.inference.name), namespace=NAMESPACE,
                                                      num_cpus=0).remote(expected)
         self.spawned = 0
         self.replaced = 0
         self.held = 0  # admitted sequences not yet confirmed ended
+        self.turn = 0
         self.slots = [self._spawn(i) for i in range(cfg.inference.replicas)]
 
     def _spawn(self, index: int) -> Slot:
@@ -96,8 +97,23 @@ class Pool:
         return Ticket(self, k)
 
     def _pick(self, avoid: Slot | None = None) -> Slot:
+        """The replica with the fewest sequences in flight; ties in turn."""
         alive = [s for s in self.slots if s.alive and s is not avoid] or [s for s in self.slots if s.alive]
-        return min(alive, key=lambda s: s.inflight)
+        self.turn += 1
+        return min(alive, key=lambda s: (s.inflight, (s.index - self.turn) % len(self.slots)))
+
+    async def watch(self, interval_s: float) -> None:
+        """Replaces a replica that died while idle (requests find the others): asks each for its
+        stats every ``interval_s``; only a dead actor counts, not a slow answer."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for slot in [s for s in self.slots if s.alive]:
+                try:
+                    await asyncio.wait_for(asyncio.shield(slot.handle.stats.remote()), interval_s)
+                except ACTOR_DIED:
+                    self._replace(slot)
+                except Exception:  # busy or starting: not a death
+                    pass
 
     def _replace(self, slot: Slot) -> None:
         if not slot.alive:

@@ -78,6 +78,16 @@ class Server:
             web.post("/detokenize", self.detokenize), web.get("/tokenizer_info", self.tokenizer_info),
             web.get("/openapi.json", self.openapi), web.get("/health", self.health),
             web.get("/metrics", self.prometheus)])
+        self.app.on_startup.append(self._start_watch)
+        self.app.on_cleanup.append(self._stop_watch)
+        self.watcher: asyncio.Task | None = None
+
+    async def _start_watch(self, app) -> None:
+        self.watcher = asyncio.get_running_loop().create_task(self.pool.watch(self.cfg.inference.health_interval_s))
+
+    async def _stop_watch(self, app) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
 
     # -- middlewares -------------------------------------------------------------------------
     @web.middleware
@@ -348,8 +358,9 @@ class Server:
         return resp
 
 
-def build(cfg: ServeConfig) -> Server:
-    """Starts the pool's replicas (on the connected Ray cluster) and returns the server for them."""
+def build(cfg: ServeConfig, replica_cls=None) -> Server:
+    """Starts the pool's replicas (on the connected Ray cluster) and returns the server for them.
+    ``replica_cls``: a subclass of replica.Replica (tests)."""
     from tokenizers import Tokenizer
 
     from orchestrator import pretrained
@@ -364,7 +375,7 @@ def build(cfg: ServeConfig) -> Server:
 
     with torch.device("meta"):
         expected = expected_shapes(Llama(LlamaArgs(**shape)))
-    pool = Pool(cfg, expected)
+    pool = Pool(cfg, expected, replica_cls)
     try:
         pool.wait_ready()
     except BaseException:

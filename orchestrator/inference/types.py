@@ -80,5 +80,6 @@ class Stats:
     preemptions: int
     steps: int = 0
     failed_requests: int = 0
+    cancelled_requests: int = 0
     weights_version: int = 0
     extra: dict = field(default_factory=dict)
