@@ -29,21 +29,16 @@ from tests.serving import PROMPTS, logprobs_of, on_replica, perturbed, reference
 
 
 @pytest.fixture(scope="module")
-def source(serve_source):
-    return serve_source
-
-
-@pytest.fixture(scope="module")
-def server(source):
-    bg = Background(build(compose([f"checkpoint={source}", "inference.replicas=2", "inference.port=0",
+def server(serve_source):
+    bg = Background(build(compose([f"checkpoint={serve_source}", "inference.replicas=2", "inference.port=0",
                                    "inference.max_tokens_limit=64", "inference.queue_limit=12",
                                    "inference.block_size=8", "inference.kv_cache_tokens=512"])))
     yield bg
     bg.stop()
 
 
-def test_greedy_equals_plain_model_under_concurrency(server, source):
-    model, tok, eos = load_model(str(source))
+def test_greedy_equals_plain_model_under_concurrency(server, serve_source):
+    model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     with ThreadPoolExecutor(len(PROMPTS)) as ex:  # together, so that replicas batch them
         got = list(ex.map(lambda p: client.complete(p, max_tokens=24, temperature=0), PROMPTS))
@@ -105,7 +100,7 @@ def test_queue_limit_answers_429(server):
     assert client.complete(PROMPTS[0], max_tokens=2)["choices"]  # still serving
 
 
-def test_bearer_token(server, source):
+def test_bearer_token(server, serve_source):
     client = Client(server.url)
     server.server.cfg.inference.token = "s3cret"
     try:
@@ -117,14 +112,14 @@ def test_bearer_token(server, source):
     finally:
         server.server.cfg.inference.token = None
     with pytest.raises(ConfigError) as err:
-        compose([f"checkpoint={source}", "inference.host=0.0.0.0"])
+        compose([f"checkpoint={serve_source}", "inference.host=0.0.0.0"])
     assert err.value.key == "inference.token"
 
 
-def test_n_and_logprobs_keep_greedy_output_and_match_the_model(server, source):
+def test_n_and_logprobs_keep_greedy_output_and_match_the_model(server, serve_source):
     """n greedy samples are all the plain model's text; logprobs (with echo: the prompt's too) are
     the model's own log-softmax, and top-k lists its most likely tokens."""
-    model, tok, eos = load_model(str(source))
+    model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     want = reference(model, tok, eos, PROMPTS[1], 12)
     got = client.complete(PROMPTS[1], max_tokens=12, temperature=0, n=3)
@@ -147,11 +142,11 @@ def test_n_and_logprobs_keep_greedy_output_and_match_the_model(server, source):
     assert scored["usage"]["completion_tokens"] == 0
 
 
-def test_a_request_that_fails_in_the_engine_fails_alone(server, source):
+def test_a_request_that_fails_in_the_engine_fails_alone(server, serve_source):
     """Values that once killed a replica (a denormal temperature or top_p) are served; a request the
     engine cannot run (sent past the HTTP checks) fails with an error naming the cause while a
     request beside it completes; no replica restarts."""
-    model, tok, eos = load_model(str(source))
+    model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     pool = server.server.pool
     pids, replaced = replica_pids(server), pool.replaced
@@ -170,8 +165,8 @@ def test_a_request_that_fails_in_the_engine_fails_alone(server, source):
     assert all(s.free_blocks == s.total_blocks for s in replica_stats(server))
 
 
-def test_dead_replica_is_replaced_and_requests_complete(server, source):
-    model, tok, eos = load_model(str(source))
+def test_dead_replica_is_replaced_and_requests_complete(server, serve_source):
+    model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     pool = server.server.pool
     results: list = [None] * 6
@@ -198,8 +193,8 @@ def test_dead_replica_is_replaced_and_requests_complete(server, source):
     assert client.complete(PROMPTS[0], max_tokens=4, temperature=0)["choices"]
 
 
-def test_a_replacement_replica_serves_the_latest_published_weights(server, source):
-    model, tok, eos = load_model(str(source))
+def test_a_replacement_replica_serves_the_latest_published_weights(server, serve_source):
+    model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     pool = server.server.pool
     new = perturbed(model, 5)
@@ -220,11 +215,11 @@ def test_a_replacement_replica_serves_the_latest_published_weights(server, sourc
     assert [s.weights_version for s in replica_stats(server)] == [result.version] * 2
 
 
-def test_a_weight_sync_that_does_not_match_changes_nothing(server, source):
+def test_a_weight_sync_that_does_not_match_changes_nothing(server, serve_source):
     """Names and shapes are checked before any tensor is copied: a sync with one mis-shaped layer
     (late in the order), an unknown name or a missing one is refused by the pool and by a
     replica sent it directly, and every replica serves what it served."""
-    model, tok, eos = load_model(str(source))
+    model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     pool = server.server.pool
     before = [client.complete(p, max_tokens=16, temperature=0)["choices"][0]["text"] for p in PROMPTS[:3]]
@@ -241,13 +236,13 @@ def test_a_weight_sync_that_does_not_match_changes_nothing(server, source):
     after = [client.complete(p, max_tokens=16, temperature=0)["choices"][0]["text"] for p in PROMPTS[:3]]
     assert after == before
     with pytest.raises(ConfigError) as err:  # 3 blocks of 40 tokens cannot hold the context of 128
-        compose([f"checkpoint={source}", "inference.block_size=40", "inference.kv_cache_tokens=130"])
+        compose([f"checkpoint={serve_source}", "inference.block_size=40", "inference.kv_cache_tokens=130"])
     assert err.value.key == "inference.kv_cache_tokens" and "inference.block_size=40" in err.value.message
     assert "max_seq_len=128" in err.value.message
 
 
-def test_weight_sync_during_traffic(server, source):
-    model, tok, eos = load_model(str(source))
+def test_weight_sync_during_traffic(server, serve_source):
+    model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     new = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if v.ndim == 2 else v
            for k, v in model.state_dict().items()}
@@ -276,10 +271,10 @@ def test_weight_sync_during_traffic(server, source):
     assert json.loads(json.dumps(client.health()))["replicas"] == 2
 
 
-def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache, source):
+def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache, serve_source):
     """A job on the pool's Ray cluster syncs every 2 steps; afterwards the pool serves its weights."""
     summary = run_job(compose_job(parity_overrides(tmp_path, data_cache, "strategy=ddp", "cluster.num_workers=2",
-                                                   "trainer.max_steps=4", f"model.init_from={source}",
+                                                   "trainer.max_steps=4", f"model.init_from={serve_source}",
                                                    "inference.sync_every=2", "inference.pool=default")))
     assert summary["status"] == "succeeded", summary["error"]
     sync = summary["inference"]
@@ -292,19 +287,19 @@ def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache
             model, tok, eos, prompt, 16)
 
 
-def test_tensor_parallel_replica(source):
+def test_tensor_parallel_replica(serve_source):
     """inference.tp=2: one replica over two ranks (heads and MLP split, partial outputs
     all-reduced) gives the plain model's greedy text, and takes a weight sync during traffic."""
     with pytest.raises(ConfigError) as err:  # the tiny model: 4 heads, 2 KV heads, ffn_dim 172
-        compose([f"checkpoint={source}", "inference.tp=3"])
+        compose([f"checkpoint={serve_source}", "inference.tp=3"])
     assert err.value.key == "inference.tp" and "n_heads=4" in err.value.message and "ffn_dim=172" in err.value.message
     with pytest.raises(ConfigError, match="quantize"):
-        compose([f"checkpoint={source}", "inference.tp=2", "inference.quantize=int8"])
+        compose([f"checkpoint={serve_source}", "inference.tp=2", "inference.quantize=int8"])
 
-    bg = Background(build(compose([f"checkpoint={source}", "inference.tp=2", "inference.name=tp", "inference.port=0",
+    bg = Background(build(compose([f"checkpoint={serve_source}", "inference.tp=2", "inference.name=tp", "inference.port=0",
                                    "inference.block_size=8", "inference.kv_cache_tokens=512"])))
     try:
-        model, tok, eos = load_model(str(source))
+        model, tok, eos = load_model(str(serve_source))
         client = Client(bg.url)
         with ThreadPoolExecutor(3) as ex:
             got = list(ex.map(lambda p: client.complete(p, max_tokens=24, temperature=0)["choices"][0]["text"],
@@ -325,3 +320,35 @@ def test_tensor_parallel_replica(source):
             assert got == reference(model, tok, eos, prompt, 24)
     finally:
         bg.stop()
+
+
+def test_a_batched_forward_that_fails_is_retried_per_request(serve_source):
+    """The engine alone (no Ray): when a batched decode raises because of one sequence, each
+    sequence runs alone; only that one fails and the others give the plain model's text."""
+    from orchestrator.inference.engine import GenerationEngine
+
+    model, tok, eos = load_model(str(serve_source))
+    engine = GenerationEngine(model, tok, eos, block_size=8, num_blocks=64)
+    decode = engine._decode
+
+    def failing(seqs):
+        if any(s.request.id == "bad" for s in seqs):
+            raise RuntimeError("a fault of this sequence")
+        return decode(seqs)
+
+    engine._decode = failing
+    for rid, prompt in (("a", PROMPTS[0]), ("bad", PROMPTS[1]), ("b", PROMPTS[2])):
+        engine.add(Request(rid, tuple(tok.encode(prompt).ids), 10))
+    engine.add(Request("refused", (0,), 4, temperature=float("nan")))
+    text: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    while engine.busy:
+        for event in engine.step():
+            text[event.id] = text.get(event.id, "") + event.text
+            if event.error:
+                errors[event.id] = event.error
+    assert set(errors) == {"bad", "refused"} and "a fault of this sequence" in errors["bad"]
+    assert "temperature" in errors["refused"]
+    assert text["a"] == reference(model, tok, eos, PROMPTS[0], 10)
+    assert text["b"] == reference(model, tok, eos, PROMPTS[2], 10)
+    assert engine.pool.n_free == engine.pool.total and engine.stats().failed_requests == 2

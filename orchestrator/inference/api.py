@@ -128,7 +128,16 @@ def neutral(data: dict, key: str, allowed: float = 0) -> None:
 def _fields(data: dict, allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise BadRequest(str(unknown[0])[:100], f"unknown field; allowed: {', '.join(sorted(allowed))}")
+        raise BadRequest(unknown[0][:100] or '""', f"unknown field; allowed: {', '.join(sorted(allowed))}")
+
+
+def unicode_ok(text: str) -> bool:
+    """Whether a JSON string is text (JSON can escape a lone surrogate, which is not)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _sampling(data: dict, limits: Limits, max_tokens_key: str, default_max_tokens: int, min_max_tokens: int,
@@ -184,6 +193,8 @@ def _prompt_list(prompt, limits: Limits) -> list:
         if isinstance(p, str):
             if not p:
                 raise BadRequest("prompt", f"prompt {n} is empty")
+            if not unicode_ok(p):
+                raise BadRequest("prompt", f"prompt {n} is not valid Unicode (a lone surrogate)")
             if len(p) > limits.max_prompt_chars:
                 raise BadRequest("prompt", f"prompt {n} has {len(p)} characters, more than the context of "
                                            f"{limits.max_seq_len} tokens can hold")
@@ -229,6 +240,8 @@ def parse_chat(data: dict, limits: Limits) -> ChatBody:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest("messages", f"message {n}: content must be a string or a list of text parts")
+        if not unicode_ok(content):
+            raise BadRequest("messages", f"message {n}: content is not valid Unicode (a lone surrogate)")
         if len(content) > limits.max_prompt_chars:
             raise BadRequest("messages", f"message {n} has {len(content)} characters, more than the context can "
                                          "hold")
@@ -256,8 +269,8 @@ def parse_tokenize(data: dict, limits: Limits) -> str:
     _fields(data, {"prompt", "add_special_tokens", "model"})
     prompt = data.get("prompt")
     boolean(data, "add_special_tokens", False)
-    if not isinstance(prompt, str) or len(prompt) > 1 << 20:
-        raise BadRequest("prompt", "must be a string")
+    if not isinstance(prompt, str) or not unicode_ok(prompt):
+        raise BadRequest("prompt", "must be a string of valid Unicode")
     return prompt
 
 

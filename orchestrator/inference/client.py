@@ -67,9 +67,12 @@ class Client:
                     raise ServerError(503, chunk)
                 yield chunk["choices"][0]["text"]
 
-    def health(self) -> dict:
-        with self._open("/health") as resp:
+    def get(self, path: str) -> dict:
+        with self._open(path) as resp:
             return json.loads(resp.read())
+
+    def health(self) -> dict:
+        return self.get("/health")
 
     def metrics(self) -> str:
         with self._open("/metrics") as resp:

@@ -170,6 +170,9 @@ class Replica:
         self.steps = 0
         self.version = 0
         self.engine_faults = 0
+        # Steps run in a thread of their own, so that calls (new requests, cancellations, stats)
+        # land while the engine computes; the lock keeps weight swaps between steps.
+        self.engine_lock: asyncio.Lock | None = None
 
     async def ready(self) -> dict:
         if self.store is not None:
@@ -186,11 +189,13 @@ class Replica:
             adds, cancels, self.adds, self.cancels = self.adds, self.cancels, [], []
             confirm, self.confirm = self.confirm, []
             followers = [s.step.remote(adds, cancels) for s in self.shards]
-            try:
-                apply(self.engine, adds, cancels)
-                events = self.engine.step()
-            except Exception as exc:  # the engine fails requests alone; this is a fault of its own
-                events = self._reset(exc)
+            async with self.engine_lock:
+                try:
+                    apply(self.engine, adds, cancels)
+                    self._confirm(confirm)  # cancelled: their blocks are free now
+                    events = await asyncio.to_thread(self.engine.step)
+                except Exception as exc:  # the engine fails requests alone; this is a fault of its own
+                    events = self._reset(exc)
             try:
                 if followers:
                     await asyncio.gather(*followers)
@@ -199,15 +204,19 @@ class Replica:
 
                 traceback.print_exc()
                 os._exit(1)
-            for future in confirm:
-                if not future.done():
-                    future.set_result(None)
+            self._confirm(confirm)
             for event in events:
                 queue = self.queues.get(event.id)
                 if queue is not None:
                     queue.put_nowait(event)
             self.steps += 1
             await asyncio.sleep(0)  # let new requests and weight swaps in between steps
+
+    @staticmethod
+    def _confirm(futures: list[asyncio.Future]) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
 
     def _reset(self, exc: Exception) -> list[Event]:
         """An engine step raised outside any one request: every request in it ends with the error
@@ -228,6 +237,7 @@ class Replica:
     def _ensure_loop(self) -> None:
         if self.loop is None or self.loop.done():
             self.wake = self.wake or asyncio.Event()
+            self.engine_lock = self.engine_lock or asyncio.Lock()
             self.loop = asyncio.get_running_loop().create_task(self._run())
 
     async def generate(self, request: Request):
@@ -276,14 +286,15 @@ class Replica:
         if version and version <= self.version:
             return self.version
         check(weights, self.expected)  # before any rank copies anything
-        # The shards take them after the steps already sent to them and before the next; this rank
-        # takes them now, with no await before, so that no step of ours runs in between.
-        taken = [s.load_weights.remote(weights) for s in self.shards]
-        load_into(self.engine.model, weights, self.expected)
-        if version:
-            self.version = version
-        if taken:
-            await asyncio.gather(*taken)
+        self.engine_lock = self.engine_lock or asyncio.Lock()
+        async with self.engine_lock:  # between two steps
+            # The shards take them after the steps already sent to them and before the next.
+            taken = [s.load_weights.remote(weights) for s in self.shards]
+            load_into(self.engine.model, weights, self.expected)
+            if version:
+                self.version = version
+            if taken:
+                await asyncio.gather(*taken)
         return self.version
 
     def stats(self) -> Stats:
