@@ -37,13 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        from orchestrator.cluster import init_loopback
+
+        init_loopback(include_dashboard=False, log_to_driver=False)
     server = None
     try:
         server = build(cfg)
         i = cfg.inference
-        print(f"serving {cfg.checkpoint} with {i.replicas} replica(s) on http://{i.host}:{i.port}", flush=True)
-        web.run_app(server.app, host=i.host, port=i.port, print=None, access_log=None, handler_cancellation=True)
+        ready = f"serving {cfg.checkpoint} with {i.replicas} replica(s) on http://{i.host}:{i.port}"
+        # aiohttp calls ``print`` once the socket listens.
+        web.run_app(server.app, host=i.host, port=i.port, print=lambda _: print(ready, flush=True), access_log=None,
+                    handler_cancellation=True)
     finally:
         if server is not None:
             server.pool.shutdown()

@@ -36,6 +36,28 @@ EMBEDDED_SYSTEM_CONFIG = {
 }
 
 
+def init_loopback(**kwargs) -> None:
+    """``ray.init`` of an embedded cluster that listens on 127.0.0.1 only.
+
+    Ray turns a node address of 127.0.0.1 into the machine's reachable one (its
+    resolve_ip_for_localhost), and then its agents listen on that address and its gRPC servers
+    (GCS, raylet, workers) on every interface: ``_node_ip_address="127.0.0.1"`` alone left ports
+    open on 0.0.0.0, :: and the host's address. While the cluster starts, Ray's single-machine mode
+    (the switch it uses on macOS and Windows, ray_constants.ENABLE_RAY_CLUSTER) is on, so the node
+    address stays 127.0.0.1 and every listener binds to it (tests/test_serve_api.py checks every
+    listening port of the process tree). A cluster started so still accepts nodes that run on
+    this machine."""
+    import ray
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 @contextlib.contextmanager
 def connect(cfg: ClusterConfig):
     """Yields with Ray initialized; shuts down only a cluster this call started.
@@ -51,12 +73,10 @@ def connect(cfg: ClusterConfig):
         ray.init(address=cfg.address, log_to_driver=True)
     else:
         num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)
-        ray.init(
-            address="local",  # always a new cluster, even where `ray start` left one on this machine
+        init_loopback(  # always a new cluster, even where `ray start` left one on this machine
             num_cpus=num_cpus,
             include_dashboard=cfg.include_dashboard,
             dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
             _system_config=EMBEDDED_SYSTEM_CONFIG,
             log_to_driver=True,
         )

@@ -22,7 +22,9 @@ def ray_cluster():
     """A local Ray cluster shared by every test that needs one; 4 logical CPUs fit a 4-rank job."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from orchestrator.cluster import init_loopback
+
+    init_loopback(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

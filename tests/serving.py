@@ -43,5 +43,5 @@ def replica_stats(bg) -> list:
 
 def replica_pids(bg) -> list[int]:
     async def run():
-        return [r["pid"] for r in await asyncio.gather(*[s.handle.ready.remote() for s in bg.server.pool.slots])]
+        return [r.pid for r in await asyncio.gather(*[s.handle.ready.remote() for s in bg.server.pool.slots])]
     return bg.call(run())

@@ -369,3 +369,33 @@ def test_serve_refuses_a_cache_that_cannot_hold_the_context(serve_source):
                            "inference.kv_cache_tokens=130"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "inference.kv_cache_tokens" in proc.stderr and "inference.block_size=40" in proc.stderr, proc.stderr
+
+
+def test_serve_command_listens_on_loopback_only_and_stops_cleanly(serve_source):
+    """`launch.serve` with its embedded Ray: every TCP port its process tree listens on (the HTTP
+    server, Ray's GCS, raylet, object manager, workers) is on 127.0.0.1; SIGTERM stops it all."""
+    import psutil
+
+    from orchestrator.worker import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"checkpoint={serve_source}",
+                             f"inference.port={port}", "inference.block_size=8", "inference.kv_cache_tokens=512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT" once it is up
+        assert "serving" in line, line
+        client = Client(f"http://127.0.0.1:{port}")
+        assert client.complete(PROMPTS[0], max_tokens=2)["choices"][0]["finish_reason"] == "length"
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+        listening = {(c.laddr.ip, c.laddr.port) for p in tree for c in p.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        assert (("127.0.0.1", port) in listening) and len(listening) > 3, listening
+        assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip, _ in listening), listening
+        proc.terminate()
+        assert proc.wait(60) == 0
+        time.sleep(1)
+        assert not [p for p in tree[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import ray
 
 from orchestrator.inference.config import ServeConfig
-from orchestrator.inference.types import EngineOptions, Event, Request, Stats
+from orchestrator.inference.types import EngineOptions, Event, ReplicaInfo, Request, Stats
 from orchestrator.inference.weights import NAMESPACE, PublishResult, WeightStore, store_name
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Pool:
         # A replacement loads the store's latest weights before it reports ready.
         return Slot(handle, index, ready=handle.ready.remote())
 
-    def wait_ready(self, timeout_s: float = 300.0) -> list[dict]:
+    def wait_ready(self, timeout_s: float = 300.0) -> list[ReplicaInfo]:
         return ray.get([s.ready for s in self.slots], timeout=timeout_s)
 
     def admit(self, k: int) -> Ticket | None:

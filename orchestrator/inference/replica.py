@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 
 from orchestrator.inference.engine import GenerationEngine
-from orchestrator.inference.types import EngineOptions, Event, Request, Stats
+from orchestrator.inference.types import EngineOptions, Event, ReplicaInfo, Request, Stats
 from orchestrator.inference.weights import WeightMismatch, check, expected_shapes
 
 
@@ -174,12 +174,12 @@ class Replica:
         # land while the engine computes; the lock keeps weight swaps between steps.
         self.engine_lock: asyncio.Lock | None = None
 
-    async def ready(self) -> dict:
+    async def ready(self) -> ReplicaInfo:
         if self.store is not None:
             version, refs = await self.store.latest.remote()
             if refs and version > self.version:
                 await self.load_weights(await refs[0], version)
-        return {"pid": os.getpid(), "device": str(self.engine.k.device), "weights_version": self.version}
+        return ReplicaInfo(os.getpid(), str(self.engine.k.device), self.version)
 
     async def _run(self) -> None:
         while True:

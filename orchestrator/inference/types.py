@@ -71,6 +71,13 @@ class Event:
                      self.prompt_logprobs or later.prompt_logprobs, later.error or self.error)
 
 
+@dataclass(frozen=True)
+class ReplicaInfo:
+    pid: int
+    device: str
+    weights_version: int  # 0: the checkpoint's weights; else the weight store's version
+
+
 @dataclass
 class Stats:
     waiting: int

@@ -63,11 +63,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend=None) -> torch.Tensor:
-        """x (B, T, dim); cos and sin broadcast against (B, heads, T, head_dim / 2): the rows of
-        the T positions, or one row per sequence. ``attend(q, k, v)`` -> (B, heads, T, head_dim)
+        """x (B, T, dim). cos and sin: the rope tables (positions 0.. on, 2-d), of which the first
+        T rows are used, or rows already broadcastable against (B, heads, T, head_dim / 2) (an
+        inference engine's positions per sequence). ``attend(q, k, v)`` -> (B, heads, T, head_dim)
         replaces causal attention over x itself: the hook an inference engine gives to attend
         over its cache (q, k rotated; k and v with the KV heads this module holds)."""
         bsz, seqlen, _ = x.shape
+        if cos.dim() == 2:  # sliced here, after sequence parallel gathered the sequence
+            cos, sin = cos[:seqlen], sin[:seqlen]
         # -1 rather than the configured head count: under tensor parallel the
         # projections hold a slice of the heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
@@ -106,7 +109,7 @@ class Block(nn.Module):
         self.mlp = FeedForward(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attend)
+        x = x + self.attn(self.attn_norm(x), cos, sin, attend=attend)  # a keyword: tp hooks see 3 inputs
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -164,9 +167,8 @@ class Llama(nn.Module):
         it then maps its input activations to its output activations.
         """
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
-        t = h.shape[1]
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos[:t], self.rope_sin[:t])
+            h = layer(h, self.rope_cos, self.rope_sin)
         if self.norm is not None:
             h = self.norm(h)
         return h if self.output is None else self.output(h)
