@@ -329,14 +329,14 @@ def test_a_batched_forward_that_fails_is_retried_per_request(serve_source):
 
     model, tok, eos = load_model(str(serve_source))
     engine = GenerationEngine(model, tok, eos, block_size=8, num_blocks=64)
-    decode = engine._decode
+    forward = engine._forward_cached
 
     def failing(seqs):
         if any(s.request.id == "bad" for s in seqs):
             raise RuntimeError("a fault of this sequence")
-        return decode(seqs)
+        return forward(seqs)
 
-    engine._decode = failing
+    engine._forward_cached = failing
     for rid, prompt in (("a", PROMPTS[0]), ("bad", PROMPTS[1]), ("b", PROMPTS[2])):
         engine.add(Request(rid, tuple(tok.encode(prompt).ids), 10))
     engine.add(Request("refused", (0,), 4, temperature=float("nan")))

@@ -383,8 +383,10 @@ def test_serve_command_listens_on_loopback_only_and_stops_cleanly(serve_source):
                              f"inference.port={port}", "inference.block_size=8", "inference.kv_cache_tokens=512"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT" once it is up
-        assert "serving" in line, line
+        lines = [proc.stdout.readline()]  # the KV cache of each replica, then "serving ..." once it listens
+        while lines[-1] and "serving" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+        assert "serving" in lines[-1] and "KV cache of 512 tokens" in lines[0], lines
         client = Client(f"http://127.0.0.1:{port}")
         assert client.complete(PROMPTS[0], max_tokens=2)["choices"][0]["finish_reason"] == "length"
         tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)

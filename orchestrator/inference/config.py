@@ -24,6 +24,10 @@ class InferenceConfig:
     max_batch: int = 32  # sequences decoded together by one replica
     block_size: int = 16  # token slots per KV-cache block
     kv_cache_tokens: int = 16384  # token slots in a replica's cache (all layers)
+    # Instead of kv_cache_tokens: the cache's size in bytes per replica rank, or a fraction of the
+    # memory free when the replica starts (the GPU's, or the machine's). At most one of the two.
+    kv_cache_bytes: Optional[int] = None
+    kv_cache_memory_fraction: Optional[float] = None
     max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
     max_sequences_per_request: int = 64  # prompts x n in one request
     queue_limit: int = 256  # requests in flight over the pool; beyond it the server answers 429
@@ -61,7 +65,8 @@ def validate(cfg: ServeConfig) -> None:
 
     i = cfg.inference
     for key in ("replicas", "max_batch", "block_size", "kv_cache_tokens", "max_tokens_limit", "queue_limit",
-                "cpus_per_replica", "max_sequences_per_request"):
+                "cpus_per_replica", "max_sequences_per_request") + (("kv_cache_bytes",) if i.kv_cache_bytes is not None
+                                                                     else ()):
         if getattr(i, key) < 1:
             raise ConfigError(f"inference.{key}", f"must be >= 1, got {getattr(i, key)}")
     for key in ("request_timeout_s", "health_interval_s"):
@@ -89,13 +94,31 @@ def validate(cfg: ServeConfig) -> None:
             raise ConfigError("inference.tp", f"must divide the model's {', '.join(f'{k}={v}' for k, v in bad.items())}"
                                               f"; got {i.tp}")
     max_seq_len = shape["max_seq_len"]
-    blocks = i.kv_cache_tokens // i.block_size
+    if i.kv_cache_bytes is not None and i.kv_cache_memory_fraction is not None:
+        raise ConfigError("inference.kv_cache_bytes", "set inference.kv_cache_bytes or "
+                                                      "inference.kv_cache_memory_fraction, not both")
+    if i.kv_cache_memory_fraction is not None and not 0 < i.kv_cache_memory_fraction <= 0.95:
+        raise ConfigError("inference.kv_cache_memory_fraction", f"must be in (0, 0.95], got "
+                                                                f"{i.kv_cache_memory_fraction}")
+    # fp32 weights, as replicas load them; this machine's free memory stands for a replica's.
+    per_token = 2 * shape["n_layers"] * (shape["n_kv_heads"] // i.tp) * (shape["dim"] // shape["n_heads"]) * 4
+    key, value = "inference.kv_cache_tokens", i.kv_cache_tokens
+    if i.kv_cache_bytes is not None:
+        key, value = "inference.kv_cache_bytes", i.kv_cache_bytes
+    elif i.kv_cache_memory_fraction is not None:
+        import psutil
+
+        key, value = "inference.kv_cache_memory_fraction", i.kv_cache_memory_fraction
+    from orchestrator.inference.types import EngineOptions
+
+    blocks = EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, kv_cache_bytes=i.kv_cache_bytes,
+                           kv_cache_memory_fraction=i.kv_cache_memory_fraction).num_blocks(
+        per_token, psutil.virtual_memory().available if i.kv_cache_memory_fraction is not None else None)
     if blocks * i.block_size < max_seq_len:
-        raise ConfigError("inference.kv_cache_tokens", f"inference.kv_cache_tokens={i.kv_cache_tokens} in blocks of "
-                                                       f"inference.block_size={i.block_size} ({blocks} whole blocks, "
-                                                       f"{blocks * i.block_size} tokens) cannot hold one sequence of "
-                                                       f"the model's context (max_seq_len={max_seq_len}); raise "
-                                                       "inference.kv_cache_tokens or lower inference.block_size")
+        raise ConfigError(key, f"{key}={value} in blocks of inference.block_size={i.block_size} ({blocks} whole "
+                               f"blocks, {blocks * i.block_size} tokens at {per_token} bytes each) cannot hold one "
+                               f"sequence of the model's context (max_seq_len={max_seq_len}); raise {key} or lower "
+                               "inference.block_size")
 
 
 def compose(overrides: list[str] | None = None) -> ServeConfig:

@@ -1,28 +1,36 @@
-"""One replica's generation engine: a KV cache in fixed-size blocks, continuous batching.
+"""One replica's generation engine: a KV cache in fixed-size blocks, continuous batching,
+shared prefixes.
 
 Memory: the cache is one pool of ``num_blocks`` blocks of ``block_size`` token slots per layer
-(keys and values of every KV head). A sequence holds a table of the blocks its tokens occupy and
-takes a new block only when it crosses into one, so memory follows the tokens actually held, not
-the longest possible sequence. When the pool runs dry, the newest running sequence is preempted:
-its blocks are freed and it waits to be recomputed from its tokens (prompt and output so far).
+(keys and values of every KV head), stored slot by slot. A sequence holds a table of the blocks
+its tokens occupy and takes a new block only when it crosses into one, so memory follows the
+tokens actually held. When the pool runs dry, the newest running sequence is preempted: its blocks
+are given back and it waits to be recomputed from its tokens (prompt and output so far).
 
-Batching: each ``step`` first admits waiting requests while blocks and batch slots allow (one
-prefill of all their prompts together, which yields their first tokens), then runs one decode
-step over every running sequence together, each attending over its own blocks. Finished sequences
-leave at once; new ones join at the next step.
+Sharing: blocks are reference-counted. The ``n`` samples of one prompt admitted together run one
+prefill; the others share all of its blocks and sample their first tokens from the same logits. A
+sequence about to write into a block it shares copies that block first (copy-on-write), so samples
+diverge only from the first block they write. Full blocks of prompts also enter a prefix cache,
+keyed by a hash of every token up to the block's end (and checked token by token on a hit): a later
+request whose prompt starts with the same blocks shares them and prefills only the rest. A cached
+block nobody holds stays until its slots are needed (least recently used first).
+
+Batching: each ``step`` admits waiting requests while blocks and batch slots allow (their
+prefills, which yield their first tokens), then decodes one token for every running sequence
+together, each attending over its own blocks; finished sequences leave at once.
 
 The model's own modules do the arithmetic; the engine hands each block an attention hook
-(``Block.forward(..., attend=)``) that writes the new keys and values into the blocks and attends
-over them.
+(``Block.forward(..., attend=)``) that writes the new keys and values into the cache and attends
+over it.
 
 Failures: a request the engine cannot take (``add``) or whose step fails (sampling, or a batched
 forward that fails again when the request runs alone) ends with ``finish_reason`` "error" and a
-message; its blocks are freed and every other request goes on.
+message; its blocks are given back and every other request goes on.
 """
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -57,20 +65,98 @@ class Sequence:
 
 
 class BlockPool:
+    """Reference-counted blocks. A block nobody holds is free, or, while the prefix cache keeps
+    it, evictable: it counts as free and is reused last (least recently used first)."""
+
     def __init__(self, n_blocks: int):
         self.total = n_blocks
+        self.refs = [0] * n_blocks
         self.free_ids = deque(range(n_blocks))
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.on_evict = lambda block: None
+        self.keeps = lambda block: False  # whether the prefix cache holds the block
 
     @property
     def n_free(self) -> int:
-        return len(self.free_ids)
+        return len(self.free_ids) + len(self.evictable)
 
     def take(self, n: int) -> list[int]:
-        return [self.free_ids.popleft() for _ in range(n)]
+        out = []
+        for _ in range(n):
+            if self.free_ids:
+                block = self.free_ids.popleft()
+            else:
+                block, _ = self.evictable.popitem(last=False)
+                self.on_evict(block)
+            self.refs[block] = 1
+            out.append(block)
+        return out
+
+    def share(self, block: int) -> None:
+        if self.refs[block] == 0:
+            del self.evictable[block]
+        self.refs[block] += 1
 
     def give(self, blocks: list[int]) -> None:
-        self.free_ids.extend(blocks)
+        for block in blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if self.keeps(block):
+                    self.evictable[block] = None
+                else:
+                    self.free_ids.append(block)
         blocks.clear()
+
+
+class PrefixCache:
+    """Full prompt blocks by the hash of every token up to their end."""
+
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.blocks: dict[int, tuple[int, tuple[int, ...]]] = {}  # hash -> (block, its tokens from 0)
+        self.hash_of: dict[int, int] = {}  # block -> hash
+        self.queried = 0  # prompt tokens looked up
+        self.hit = 0  # of those, tokens found
+        pool.on_evict = self.drop
+        pool.keeps = self.hash_of.__contains__
+
+    def clear(self) -> None:
+        """Forgets every entry (the weights changed: the cached keys and values are stale)."""
+        for block in list(self.pool.evictable):
+            del self.pool.evictable[block]
+            self.pool.free_ids.append(block)
+        self.blocks.clear()
+        self.hash_of.clear()
+
+    def drop(self, block: int) -> None:
+        self.blocks.pop(self.hash_of.pop(block), None)
+
+    def hashes(self, tokens: list[int], n_blocks: int) -> list[int]:
+        bs = self.block_size
+        return [hash(tuple(tokens[: (j + 1) * bs])) for j in range(n_blocks)]
+
+    def lookup(self, tokens: list[int]) -> list[int]:
+        """The cached blocks of the longest run of ``tokens``' full blocks, leaving at least the
+        last token to compute (its logits give the next token)."""
+        n = (len(tokens) - 1) // self.block_size
+        found = []
+        for j, h in enumerate(self.hashes(tokens, n)):
+            entry = self.blocks.get(h)
+            if entry is None or entry[1] != tuple(tokens[: (j + 1) * self.block_size]):
+                break
+            found.append(entry[0])
+        return found
+
+    def insert(self, tokens: list[int], blocks: list[int], n_tokens: int) -> None:
+        """Registers the full blocks among the first ``n_tokens`` of a sequence just computed."""
+        n = n_tokens // self.block_size
+        for j, h in enumerate(self.hashes(tokens, n)):
+            block = blocks[j]
+            if h in self.blocks or block in self.hash_of:
+                continue
+            self.blocks[h] = (block, tuple(tokens[: (j + 1) * self.block_size]))
+            self.hash_of[block] = h
 
 
 def check_request(r: Request, vocab_size: int, max_seq_len: int) -> None:
@@ -106,7 +192,7 @@ def describe(exc: BaseException) -> str:
 
 class GenerationEngine:
     def __init__(self, model: Llama, tokenizer, eos_id: int, block_size: int = 16, num_blocks: int = 512,
-                 max_batch: int = 32, tp: int = 1):
+                 max_batch: int = 32, tp: int = 1, prefix_cache: bool = True):
         a = model.args
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -119,17 +205,29 @@ class GenerationEngine:
             raise ValueError(f"a cache of {num_blocks} blocks of {block_size} tokens cannot hold one sequence of "
                              f"the model's context ({a.max_seq_len} tokens)")
         p = next(model.parameters())
-        # A tensor-parallel rank holds its own KV heads only (see replica.shard_blocks).
-        shape = (a.n_layers, num_blocks, a.n_kv_heads // tp, block_size, a.head_dim)
+        # Slot-major: slot block * block_size + offset. A tensor-parallel rank holds its own KV
+        # heads only (see replica.shard_blocks).
+        shape = (a.n_layers, num_blocks * block_size, a.n_kv_heads // tp, a.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.pool = BlockPool(num_blocks)
+        self.prefix = PrefixCache(self.pool, block_size) if prefix_cache else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.failed: list[Event] = []  # refused or failed requests, reported by the next step
         self.preemptions = 0
         self.failures = 0
         self.cancellations = 0  # requests ended by cancel() before they finished
+        self.shared_prefills = 0  # sequences that took a group leader's prefill
+
+    def weights_changed(self) -> None:
+        """New weights: no later request may reuse keys and values cached under the old ones."""
+        if self.prefix is not None:
+            self.prefix.clear()
+
+    @property
+    def cache_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
     # -- the queue ---------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -170,13 +268,13 @@ class GenerationEngine:
         decoding = [s for s in self.running if s.finish_reason is None and s.cached == len(s.tokens) - 1]
         decoding = self._reserve(decoding)
         if decoding:
-            for seq, row in self._isolated(self._decode, decoding, events):
-                self._emit(seq, row, events)
+            done = self._isolated(lambda seqs: self._forward_cached(seqs)[0], decoding, events)
+            self._emit_all([seq for seq, _ in done], [row for _, row in done], events)
         self._retire()
         return events
 
-    def _isolated(self, forward, seqs: list[Sequence], events: list[Event]):
-        """(sequence, logits) of a batched forward; if it raises, each sequence runs alone and
+    def _isolated(self, forward, seqs: list[Sequence], events: list[Event]) -> list[tuple[Sequence, object]]:
+        """(sequence, its output) of a batched forward; if it raises, each sequence runs alone and
         only those that fail alone fail."""
         try:
             return list(zip(seqs, forward(seqs)))
@@ -195,52 +293,86 @@ class GenerationEngine:
         events.append(Event(seq.request.id, "", [], "error", len(seq.request.prompt_ids), len(seq.output),
                             error=seq.error))
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, events: list[Event], prompt_logits=None) -> None:
-        """The event of one sequence's step from its next-token logits; a failure fails it alone."""
-        try:
-            prompt_logprobs = None
-            if prompt_logits is not None:
-                prompt_logprobs = self._prompt_logprobs(seq, prompt_logits)
-            if seq.request.max_tokens == 0:  # echo only: the prompt and its log-probabilities
-                seq.finish_reason = "length"
-                events.append(Event(seq.request.id, "", [], "length", len(seq.request.prompt_ids), 0,
-                                    logprobs=None if seq.request.logprobs is None else [],
-                                    prompt_logprobs=prompt_logprobs))
-                return
-            logits = logits.float().cpu()
-            token = self._sample(seq, logits)
-            event = self._append(seq, token)
-            if seq.request.logprobs is not None:
-                event.logprobs = [self._logprob(torch.log_softmax(logits, -1), token, seq.request.logprobs)
-                                  ] if event.token_ids else []
-            event.prompt_logprobs = prompt_logprobs
-            events.append(event)
-        except Exception as exc:
-            self._fail(seq, exc, events)
-
     def _admit(self, events: list[Event]) -> None:
-        admitted = []
+        """Takes waiting sequences while batch slots and blocks allow: a group's followers share
+        their leader's blocks; the others share what the prefix cache holds of their prompt and
+        take blocks for the rest. Then the prefills (fresh ones together, the others over their
+        cached prefix), and the first token of each."""
+        leaders: dict[tuple[int, ...], Sequence] = {}
+        fresh, resumed, followers = [], [], []
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            need = self.blocks_for(min(len(seq.tokens) + 1, self.max_seq_len))
-            if need > self.pool.n_free:
-                break  # memory scheduling: wait for blocks to come free
+            key = tuple(seq.tokens)
+            shareable = not seq.wants_prompt_logprobs
+            if shareable and key in leaders:
+                followers.append((seq, leaders[key]))
+            else:
+                hits = self.prefix.lookup(seq.tokens) if self.prefix is not None and shareable else []
+                need = self.blocks_for(min(len(seq.tokens) + 1, self.max_seq_len)) - len(hits)
+                if need > self.pool.n_free - sum(self.pool.refs[b] == 0 for b in hits):
+                    break  # memory scheduling: wait for blocks to come free
+                for b in hits:
+                    self.pool.share(b)
+                if self.prefix is not None and shareable:
+                    self.prefix.queried += len(seq.tokens)
+                    self.prefix.hit += len(hits) * self.block_size
+                seq.blocks = hits + self.pool.take(need)
+                seq.cached = len(hits) * self.block_size
+                (resumed if hits else fresh).append(seq)
+                if shareable:
+                    leaders[key] = seq
             self.waiting.popleft()
-            seq.blocks = self.pool.take(need)
             self.running.append(seq)
-            admitted.append(seq)
-        if admitted:  # one prefill for all of them
-            for seq, (logits, prompt_logits) in self._isolated(self._prefill, admitted, events):
-                self._emit(seq, logits, events, prompt_logits)
+        if not (fresh or resumed):
+            return
+        logits: dict[int, torch.Tensor] = {}
+        prompt_logits: dict[int, torch.Tensor] = {}
+        if fresh:
+            for seq, (last, prompt) in self._isolated(self._prefill, fresh, events):
+                logits[id(seq)] = last
+                if prompt is not None:
+                    prompt_logits[id(seq)] = prompt
+        if resumed:
+            for seq, last in self._isolated(lambda seqs: self._forward_cached(seqs)[0], resumed, events):
+                logits[id(seq)] = last
+        for seq in fresh + resumed:
+            if id(seq) in logits and self.prefix is not None:
+                self.prefix.insert(seq.tokens, seq.blocks, len(seq.tokens))
+        taking = [s for s in fresh + resumed if id(s) in logits]
+        for seq, leader in followers:  # one prefill for the group: share all of the leader's blocks
+            if id(leader) not in logits:
+                self._fail(seq, RuntimeError(f"its group's prefill failed: {leader.error}"), events)
+                continue
+            for b in leader.blocks:
+                self.pool.share(b)
+            seq.blocks, seq.cached = list(leader.blocks), leader.cached
+            logits[id(seq)] = logits[id(leader)]
+            self.shared_prefills += 1
+            taking.append(seq)
+        self._emit_all(taking, [logits[id(s)] for s in taking], events,
+                       [prompt_logits.get(id(s)) for s in taking])
 
     def _reserve(self, decoding: list[Sequence]) -> list[Sequence]:
-        """A block for each sequence whose next token starts one; preempts the newest when short."""
+        """For each sequence, the block its next token is written to: a new one when it starts
+        one, a private copy when it shares that block; preempts the newest when short."""
+        bs = self.block_size
         for seq in list(decoding):
             if seq not in decoding:
                 continue
-            while self.blocks_for(seq.cached + 1) > len(seq.blocks):
+            while True:
+                j = seq.cached // bs
+                if j < len(seq.blocks) and self.pool.refs[seq.blocks[j]] == 1:
+                    break
                 if self.pool.n_free:
-                    seq.blocks += self.pool.take(1)
+                    new = self.pool.take(1)[0]
+                    if j < len(seq.blocks):  # copy-on-write of a shared block
+                        old = seq.blocks[j]
+                        self.k[:, new * bs:(new + 1) * bs] = self.k[:, old * bs:(old + 1) * bs]
+                        self.v[:, new * bs:(new + 1) * bs] = self.v[:, old * bs:(old + 1) * bs]
+                        self.pool.give([old])
+                        seq.blocks[j] = new
+                    else:
+                        seq.blocks.append(new)
                     continue
                 victim = decoding[-1]
                 self._preempt(victim)
@@ -262,10 +394,38 @@ class GenerationEngine:
             self.running.remove(seq)
 
     # -- sampling, log-probabilities and stopping ----------------------------------------
+    def _emit_all(self, seqs: list[Sequence], rows: list[torch.Tensor], events: list[Event],
+                  prompt_logits: list | None = None) -> None:
+        """Each sequence's next token from its logits (greedy rows in one call); a failure fails
+        only its sequence."""
+        if not seqs:
+            return
+        logits = torch.stack(rows).float().cpu()
+        greedy = logits.argmax(-1).tolist()
+        want = [n for n, s in enumerate(seqs) if s.request.logprobs is not None]
+        logprobs = dict(zip(want, torch.log_softmax(logits[want], -1))) if want else {}
+        for n, seq in enumerate(seqs):
+            try:
+                r = seq.request
+                prompt_logprobs = None
+                if prompt_logits is not None and prompt_logits[n] is not None:
+                    prompt_logprobs = self._prompt_logprobs(seq, prompt_logits[n])
+                if r.max_tokens == 0:  # echo only: the prompt and its log-probabilities
+                    seq.finish_reason = "length"
+                    events.append(Event(r.id, "", [], "length", len(r.prompt_ids), 0,
+                                        logprobs=None if r.logprobs is None else [], prompt_logprobs=prompt_logprobs))
+                    continue
+                token = greedy[n] if r.temperature <= 0 else self._sample(seq, logits[n])
+                event = self._append(seq, token)
+                if r.logprobs is not None:
+                    event.logprobs = [self._logprob(logprobs[n], token, r.logprobs)] if event.token_ids else []
+                event.prompt_logprobs = prompt_logprobs
+                events.append(event)
+            except Exception as exc:
+                self._fail(seq, exc, events)
+
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         r = seq.request
-        if r.temperature <= 0:
-            return int(logits.argmax())
         # In float64 (where every positive number JSON can write is above zero) and with the
         # largest logit subtracted first, any positive temperature gives finite numbers: the most
         # likely token 1, the others 0 or more.
@@ -317,28 +477,30 @@ class GenerationEngine:
                      prompt_tokens=len(r.prompt_ids), completion_tokens=len(seq.output))
 
     # -- the model with the block cache --------------------------------------------------
-    def _slots(self, seqs: list[Sequence], positions: torch.Tensor, rows: torch.Tensor):
-        """(block, offset) of each (row, position) pair's cache slot."""
+    def _slot_table(self, seqs: list[Sequence]) -> torch.Tensor:
+        """(sequences, span): the cache slot of every position of each sequence's blocks."""
         width = max(len(s.blocks) for s in seqs)
         table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.k.device)
-        return table, table[rows, positions // self.block_size], positions % self.block_size
+        offsets = torch.arange(self.block_size, device=self.k.device)
+        return (table[:, :, None] * self.block_size + offsets).reshape(len(seqs), width * self.block_size)
 
     def _prefill(self, seqs: list[Sequence]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Runs all tokens of the sequences as one batch (right-padded: under the causal mask no
-        real token sees the padding) and fills their blocks. Per sequence: the logits after its
-        last token, and those of every prompt position where its request echoes log-probabilities."""
+        """Prompts with nothing cached: all their tokens as one batch (right-padded: under the
+        causal mask no real token sees the padding), filling their slots. Per sequence: the
+        logits after its last token, and those of every prompt position where it echoes
+        log-probabilities."""
         m = self.model
         dev = self.k.device
         lengths = torch.tensor([len(s.tokens) for s in seqs], device=dev)
         t = int(lengths.max())
         ids = torch.tensor([s.tokens + [0] * (t - len(s.tokens)) for s in seqs], device=dev)
         rows, pos = (torch.arange(t, device=dev)[None, :] < lengths[:, None]).nonzero(as_tuple=True)
-        _, block_of, offset = self._slots(seqs, pos, rows)
+        slots = self._slot_table(seqs)[rows, pos]
 
         def attend(i: int):
             def fn(q, k, v):
-                self.k[i][block_of, :, offset] = k[rows, :, pos]
-                self.v[i][block_of, :, offset] = v[rows, :, pos]
+                self.k[i][slots] = k[rows, :, pos]
+                self.v[i][slots] = v[rows, :, pos]
                 return causal_attention(q, k, v)
             return fn
 
@@ -355,36 +517,48 @@ class GenerationEngine:
             out.append((last[n], prompt))
         return out
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One new token for each sequence, attending over its blocks; logits (S, vocab)."""
+    def _forward_cached(self, seqs: list[Sequence]) -> tuple[torch.Tensor, None]:
+        """The tokens of each sequence past what the cache holds (one for a decode, the rest of a
+        prompt after a prefix-cache hit), attending over their blocks; logits after each
+        sequence's last token (S, vocab)."""
         m = self.model
         dev = self.k.device
         n = len(seqs)
-        pos = torch.tensor([s.cached for s in seqs], device=dev)
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)
-        table, block_of, offset = self._slots(seqs, pos, torch.arange(n, device=dev))
-        span = table.shape[1] * self.block_size
-        mask = (torch.arange(span, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+        starts = torch.tensor([s.cached for s in seqs], device=dev)
+        counts = torch.tensor([len(s.tokens) - s.cached for s in seqs], device=dev)
+        t = int(counts.max())
+        ids = torch.tensor([s.tokens[s.cached:] + [0] * (t - len(s.tokens) + s.cached) for s in seqs], device=dev)
+        slot_table = self._slot_table(seqs)
+        span = slot_table.shape[1]
+        pos = starts[:, None] + torch.arange(t, device=dev)[None, :]  # (n, t) positions of the new tokens
+        real = torch.arange(t, device=dev)[None, :] < counts[:, None]
+        rows, cols = real.nonzero(as_tuple=True)
+        new_slots = slot_table[rows, pos[rows, cols]]
+        # A query at position p sees the keys at positions 0..p.
+        mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
+        clamped = pos.clamp(max=self.max_seq_len - 1)
+        cos, sin = m.rope_cos[clamped][:, None], m.rope_sin[clamped][:, None]
 
         def attend(i: int):
             def fn(q, k, v):
                 keys, values = self.k[i], self.v[i]
-                keys[block_of, :, offset] = k[:, :, 0]
-                values[block_of, :, offset] = v[:, :, 0]
-                heads = keys.shape[1]
-                ks = keys[table].transpose(1, 2).reshape(n, heads, span, -1)
-                vs = values[table].transpose(1, 2).reshape(n, heads, span, -1)
-                return F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=q.shape[1] != heads)
+                keys[new_slots] = k[rows, :, cols]
+                values[new_slots] = v[rows, :, cols]
+                ks = keys[slot_table].transpose(1, 2)  # (n, heads, span, head_dim)
+                vs = values[slot_table].transpose(1, 2)
+                return F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=q.shape[1] != ks.shape[1])
             return fn
 
         h = m.tok_embeddings(ids)
-        cos, sin = m.rope_cos[pos][:, None, None, :], m.rope_sin[pos][:, None, None, :]
         for i, layer in enumerate(m.layers.values()):
             h = layer(h, cos, sin, attend=attend(i))
         for s in seqs:
-            s.cached += 1
-        return m.output(m.norm(h[:, -1]))
+            s.cached = len(s.tokens)
+        return m.output(m.norm(h[torch.arange(n, device=dev), counts - 1])), None
 
     def stats(self) -> Stats:
+        p = self.prefix
         return Stats(len(self.waiting), len(self.running), self.pool.n_free, self.pool.total, self.preemptions,
-                     failed_requests=self.failures, cancelled_requests=self.cancellations)
+                     failed_requests=self.failures, cancelled_requests=self.cancellations,
+                     prefix_queried_tokens=p.queried if p else 0, prefix_hit_tokens=p.hit if p else 0,
+                     shared_prefills=self.shared_prefills)

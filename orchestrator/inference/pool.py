@@ -32,7 +32,8 @@ class ReplicaLost(Exception):
 
 def engine_options(cfg: ServeConfig) -> EngineOptions:
     i = cfg.inference
-    return EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, max_batch=i.max_batch,
+    return EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, kv_cache_bytes=i.kv_cache_bytes,
+                         kv_cache_memory_fraction=i.kv_cache_memory_fraction, max_batch=i.max_batch,
                          quantize=i.quantize, tp=i.tp, threads=i.cpus_per_replica)
 
 
@@ -87,7 +88,8 @@ class Pool:
         return Slot(handle, index, ready=handle.ready.remote())
 
     def wait_ready(self, timeout_s: float = 300.0) -> list[ReplicaInfo]:
-        return ray.get([s.ready for s in self.slots], timeout=timeout_s)
+        self.info = ray.get([s.ready for s in self.slots], timeout=timeout_s)
+        return self.info
 
     def admit(self, k: int) -> Ticket | None:
         """A ticket for k sequences, or None when they would pass the queue limit."""
@@ -182,7 +184,9 @@ class Pool:
         return await self.store.publish.remote(weights)
 
     async def stats(self) -> list[Stats]:
-        return await asyncio.gather(*[s.handle.stats.remote() for s in self.slots if s.alive])
+        """Of the replicas that answer (a dead one is left out; the watch replaces it)."""
+        got = await asyncio.gather(*[s.handle.stats.remote() for s in self.slots if s.alive], return_exceptions=True)
+        return [g for g in got if isinstance(g, Stats)]
 
     @property
     def inflight(self) -> int:

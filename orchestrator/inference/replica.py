@@ -81,9 +81,25 @@ def build_engine(checkpoint: str, options: EngineOptions, rank: int = 0, rendezv
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=rank, world_size=options.tp, timeout=timedelta(seconds=options.tp_timeout_s))
         shard_blocks(model, init_device_mesh(device, (options.tp,)))
-    engine = GenerationEngine(model, tokenizer, eos, block_size=options.block_size, num_blocks=options.num_blocks,
+    engine = GenerationEngine(model, tokenizer, eos, block_size=options.block_size,
+                              num_blocks=options.num_blocks(kv_bytes_per_token(model, options.tp), free_memory(device)),
                               max_batch=options.max_batch, tp=options.tp)
     return engine, tokenizer
+
+
+def kv_bytes_per_token(model, tp: int = 1) -> int:
+    """Cache bytes one token takes on one rank: keys and values of its KV heads in every layer."""
+    a = model.args
+    return 2 * a.n_layers * (a.n_kv_heads // tp) * a.head_dim * next(model.parameters()).element_size()
+
+
+def free_memory(device: str) -> int:
+    """Bytes free for the cache now: the GPU's free memory, or the machine's available memory."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def load_into(model, weights: dict, expected: dict) -> None:
@@ -129,6 +145,7 @@ class Shard:
 
     def load_weights(self, weights: dict) -> None:
         load_into(self.engine.model, weights, self.expected)
+        self.engine.weights_changed()
 
 
 def apply(engine: GenerationEngine, adds: list[Request], cancels: list[str]) -> None:
@@ -179,7 +196,8 @@ class Replica:
             version, refs = await self.store.latest.remote()
             if refs and version > self.version:
                 await self.load_weights(await refs[0], version)
-        return ReplicaInfo(os.getpid(), str(self.engine.k.device), self.version)
+        e = self.engine
+        return ReplicaInfo(os.getpid(), str(e.k.device), self.version, e.pool.total * e.block_size, e.cache_bytes)
 
     async def _run(self) -> None:
         while True:
@@ -291,6 +309,7 @@ class Replica:
             # The shards take them after the steps already sent to them and before the next.
             taken = [s.load_weights.remote(weights) for s in self.shards]
             load_into(self.engine.model, weights, self.expected)
+            self.engine.weights_changed()
             if version:
                 self.version = version
             if taken:

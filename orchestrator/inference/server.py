@@ -45,6 +45,13 @@ class Metrics:
         self.replicas = Gauge("forgeline_serve_replicas_alive", "Replicas serving", registry=self.registry)
         self.replaced = Gauge("forgeline_serve_replicas_replaced", "Replicas replaced since start",
                               registry=self.registry)
+        self.prefix_hit_rate = Gauge("forgeline_serve_prefix_cache_hit_rate",
+                                     "Prompt tokens found in the replicas' prefix caches, of those looked up",
+                                     registry=self.registry)
+        self.prefix_tokens = Gauge("forgeline_serve_prefix_cache_tokens", "Prompt tokens looked up and found in "
+                                   "the prefix caches of the live replicas", ["kind"], registry=self.registry)
+        self.shared_prefills = Gauge("forgeline_serve_shared_prefills",
+                                     "Samples that took their group's prefill (n > 1)", registry=self.registry)
 
 
 def error(status: int, field: str, message: str, kind: str = "invalid_request_error") -> web.Response:
@@ -130,6 +137,13 @@ class Server:
         self.metrics.queue.set(self.pool.inflight)
         self.metrics.replicas.set(sum(s.alive for s in self.pool.slots))
         self.metrics.replaced.set(self.pool.replaced)
+        stats = await self.pool.stats()
+        queried = sum(s.prefix_queried_tokens for s in stats)
+        hit = sum(s.prefix_hit_tokens for s in stats)
+        self.metrics.prefix_tokens.labels("queried").set(queried)
+        self.metrics.prefix_tokens.labels("hit").set(hit)
+        self.metrics.prefix_hit_rate.set(hit / queried if queried else 0.0)
+        self.metrics.shared_prefills.set(sum(s.shared_prefills for s in stats))
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:

@@ -12,15 +12,24 @@ MAX_SEED = 2**63 - 1
 class EngineOptions:
     block_size: int = 16  # token slots per KV-cache block
     kv_cache_tokens: int = 16384  # token slots in the cache (all layers)
+    kv_cache_bytes: int | None = None  # instead: the cache's size in bytes (keys and values, all layers)
+    kv_cache_memory_fraction: float | None = None  # instead: this fraction of the memory free at start
     max_batch: int = 32  # sequences decoded together
     quantize: str = "none"  # none | int8
     tp: int = 1  # tensor-parallel ranks
     threads: int = 1  # torch threads per rank
     tp_timeout_s: float = 120.0
 
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_cache_tokens // self.block_size
+    def num_blocks(self, bytes_per_token: int, free_bytes: int | None = None) -> int:
+        """Blocks of the cache: from kv_cache_bytes, or the fraction of ``free_bytes``, or
+        kv_cache_tokens."""
+        if self.kv_cache_bytes is not None:
+            tokens = self.kv_cache_bytes // bytes_per_token
+        elif self.kv_cache_memory_fraction is not None:
+            tokens = int(self.kv_cache_memory_fraction * free_bytes) // bytes_per_token
+        else:
+            tokens = self.kv_cache_tokens
+        return tokens // self.block_size
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class ReplicaInfo:
     pid: int
     device: str
     weights_version: int  # 0: the checkpoint's weights; else the weight store's version
+    kv_cache_tokens: int = 0
+    kv_cache_bytes: int = 0
 
 
 @dataclass
@@ -88,5 +99,8 @@ class Stats:
     steps: int = 0
     failed_requests: int = 0
     cancelled_requests: int = 0
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, found there
+    shared_prefills: int = 0  # samples that took their group's prefill
     weights_version: int = 0
     extra: dict = field(default_factory=dict)

@@ -1,0 +1,91 @@
+"""The generation engine alone (no Ray, no HTTP): greedy output equals the plain model's token by
+token under preemption, with groups of samples sharing their prompt's blocks (copy-on-write),
+and with prefix-cache hits; a sample in a group is the same sample as alone with its seed."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.inference.engine import GenerationEngine
+from orchestrator.inference.replica import load_model
+from orchestrator.inference.types import Request
+from tests.serving import PROMPTS, reference
+
+LONG = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak."
+
+
+@pytest.fixture(scope="module")
+def plain(serve_source):
+    return load_model(str(serve_source))
+
+
+def run(engine: GenerationEngine, requests: list[Request]) -> dict[str, str]:
+    for r in requests:
+        engine.add(r)
+    text: dict[str, str] = {}
+    while engine.busy:
+        for event in engine.step():
+            assert event.error is None, event
+            text[event.id] = text.get(event.id, "") + event.text
+    assert engine.pool.n_free == engine.pool.total and not engine.running
+    return text
+
+
+def ids(tok, prompt: str) -> tuple[int, ...]:
+    return tuple(tok.encode(prompt).ids)
+
+
+def test_greedy_equals_the_plain_model_under_preemption(plain):
+    model, tok, eos = plain
+    engine = GenerationEngine(model, tok, eos, block_size=4, num_blocks=40, max_batch=8)  # 160 slots for 8
+    requests = [Request(str(i), ids(tok, PROMPTS[i % len(PROMPTS)]), 40) for i in range(8)]
+    got = run(engine, requests)
+    assert engine.preemptions > 0
+    for i in range(8):
+        assert got[str(i)] == reference(model, tok, eos, PROMPTS[i % len(PROMPTS)], 40), i
+
+
+def test_a_group_shares_one_prefill_and_each_sample_is_its_own(plain):
+    """8 samples of one prompt: one prefill, the others share its blocks (7 shared prefills); greedy
+    samples all give the plain model's text; a sampled one with a seed gives exactly what the same
+    request gives alone, so copy-on-write kept the samples apart."""
+    model, tok, eos = plain
+    prompt = ids(tok, LONG)
+    engine = GenerationEngine(model, tok, eos, block_size=8, num_blocks=256, max_batch=16, prefix_cache=False)
+    got = run(engine, [Request(f"g{j}", prompt, 24) for j in range(8)])
+    want = reference(model, tok, eos, LONG, 24)
+    assert [got[f"g{j}"] for j in range(8)] == [want] * 8 and engine.shared_prefills == 7
+    sampled = [Request(f"s{j}", prompt, 24, temperature=1.0, seed=100 + j) for j in range(8)]
+    together = run(engine, sampled)
+    alone = {r.id: run(GenerationEngine(model, tok, eos, block_size=8, num_blocks=256), [r])[r.id] for r in sampled}
+    assert together == alone and len(set(together.values())) > 1
+
+
+def test_prefix_cache_hits_keep_greedy_output(plain):
+    """A prompt that starts with another's full blocks shares them (hit tokens counted) and
+    gives the plain model's text; so does the same prompt again, and after the cache was evicted
+    by other work."""
+    model, tok, eos = plain
+    engine = GenerationEngine(model, tok, eos, block_size=4, num_blocks=64, max_batch=4)
+    first = run(engine, [Request("a", ids(tok, LONG), 16)])
+    assert first["a"] == reference(model, tok, eos, LONG, 16) and engine.prefix.hit == 0
+    other = LONG[:40] + " What say you?"
+    got = run(engine, [Request("b", ids(tok, other), 16), Request("c", ids(tok, LONG), 16)])
+    assert engine.prefix.hit > 0
+    assert got["b"] == reference(model, tok, eos, other, 16) and got["c"] == first["a"]
+    hits = engine.prefix.hit
+    run(engine, [Request(f"x{i}", ids(tok, PROMPTS[i]), 40) for i in range(4)])  # fills every block
+    assert run(engine, [Request("d", ids(tok, LONG), 16)])["d"] == first["a"]
+    assert engine.prefix.hit >= hits
+
+
+def test_new_weights_empty_the_prefix_cache(serve_source):
+    from tests.serving import perturbed
+
+    model, tok, eos = load_model(str(serve_source))
+    engine = GenerationEngine(model, tok, eos, block_size=4, num_blocks=64)
+    run(engine, [Request("a", ids(tok, LONG), 16)])
+    model.load_state_dict(perturbed(model, 9))
+    engine.weights_changed()
+    hits = engine.prefix.hit
+    assert run(engine, [Request("b", ids(tok, LONG), 16)])["b"] == reference(model, tok, eos, LONG, 16)
+    assert engine.prefix.hit == hits  # nothing reused from before
