@@ -59,6 +59,7 @@ class Trainer:
         self.rank = rank
         self.device = device
         self.run_id = run_id
+        self._publisher = None  # the direct weight sync to an inference pool, made at the first publish
         strategy = strategies.get(job.strategy.name)
         self.topology = strategy.topology(job.strategy, world_size)
         torch.manual_seed(job.seed)
@@ -197,7 +198,7 @@ class Trainer:
         fails (no such pool, mismatched weights, a replica that did not take them) is logged and
         counted; training goes on."""
         from orchestrator import lora
-        from orchestrator.inference.weights import publish
+        from orchestrator.inference.weights import DirectPublisher
 
         weights = self.engine.gather_weights()
         if self.rank != 0:
@@ -205,11 +206,14 @@ class Trainer:
         if self.job.finetune.lora.rank:
             opts = self.job.finetune.lora
             weights = lora.merge(self._pretrained_weights(), weights, opts.rank, opts.alpha)  # adapters -> full
-        weights = {k: v.detach().cpu() for k, v in weights.items()}
+        # On CUDA the weights stay there: the direct sync then broadcasts them over NCCL.
+        weights = {k: v.detach() if v.is_cuda else v.detach().cpu() for k, v in weights.items()}
         start = time.perf_counter()
         replicas, failed = 0, 0
+        if self._publisher is None:
+            self._publisher = DirectPublisher(self.job.inference.pool)
         try:
-            result = publish(self.job.inference.pool, weights)
+            result = self._publisher.publish(weights)
             replicas, failed = result.replicas, len(result.failed)
             for line in result.failed:
                 log.warning("weight sync at step %d: %s", self.step, line)

@@ -21,7 +21,7 @@ from orchestrator.inference.config import compose
 from orchestrator.inference.replica import load_model
 from orchestrator.inference.server import Background, build
 from orchestrator.inference.types import Request
-from orchestrator.inference.weights import WeightMismatch
+from orchestrator.inference.weights import DirectPublisher, WeightMismatch
 from orchestrator.job import run_job
 from orchestrator.models.generate import sample
 from tests.conftest import parity_overrides
@@ -271,6 +271,46 @@ def test_weight_sync_during_traffic(server, serve_source):
     assert json.loads(json.dumps(client.health()))["replicas"] == 2
 
 
+def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve_source):
+    """The direct path (a process group of its own, one broadcast into each replica's spare
+    buffer): with requests in flight, then again over the same group, then after a replica was
+    replaced (a new group; the replacement first loads the weights from a replica that holds
+    them); outputs match the new weights each time."""
+    model, tok, eos = load_model(str(serve_source))
+    client = Client(server.url)
+    pool = server.server.pool
+    publisher = DirectPublisher("default")
+    for seed in (11, 12):
+        new = perturbed(model, seed)
+        with ThreadPoolExecutor(3) as ex:
+            busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(3)]
+            result = publisher.publish(new)
+            assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
+        assert result.replicas == 2 and not result.failed
+        model.load_state_dict(new)
+        for prompt in PROMPTS[:3]:
+            assert client.complete(prompt, max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
+                model, tok, eos, prompt, 16)
+    group = publisher.pg
+    again = perturbed(model, 14)
+    assert publisher.publish(again).replicas == 2 and publisher.pg is group  # the same group
+    model.load_state_dict(again)
+    replaced = pool.replaced
+    ray.kill(pool.slots[0].handle, no_restart=True)
+    deadline = time.monotonic() + 60
+    while pool.replaced == replaced and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ray.get(pool.slots[0].ready, timeout=120)
+    want = reference(model, tok, eos, PROMPTS[4], 16)  # the replacement serves the latest weights
+    assert on_replica(server, pool.slots[0], Request("r", tuple(tok.encode(PROMPTS[4]).ids), 16)).text == want
+    newest = perturbed(model, 13)
+    result = publisher.publish(newest)
+    assert result.replicas == 2 and publisher.pg is not group
+    model.load_state_dict(newest)
+    assert client.complete(PROMPTS[4], max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
+        model, tok, eos, PROMPTS[4], 16)
+
+
 def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache, serve_source):
     """A job on the pool's Ray cluster syncs every 2 steps; afterwards the pool serves its weights."""
     summary = run_job(compose_job(parity_overrides(tmp_path, data_cache, "strategy=ddp", "cluster.num_workers=2",
@@ -312,7 +352,8 @@ def test_tensor_parallel_replica(serve_source):
                for k, v in model.state_dict().items()}
         with ThreadPoolExecutor(2) as ex:  # requests in flight while the ranks swap weights
             busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(2)]
-            bg.call(bg.server.pool.load_weights(new))
+            result = DirectPublisher("tp").publish(new)  # tensor-parallel: through the store instead
+            assert result.replicas == 1 and not result.failed
             assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
         model.load_state_dict(new)
         for prompt in PROMPTS[:2]:

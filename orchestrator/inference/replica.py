@@ -176,6 +176,8 @@ class Replica:
             joined = [s.join.remote(*rendezvous) for s in self.shards]
         self.engine, self.tokenizer = build_engine(checkpoint, options, 0, rendezvous)
         self.expected = expected_shapes(self.engine.model)
+        self.flat = self.spare = None  # the parameters as one buffer, and its twin (direct sync)
+        self.sync = None  # (session, process group) of the direct sync
         if self.shards:
             ray.get(joined)
         self.adds: list[Request] = []  # requests and cancellations for the next step, on every rank
@@ -193,9 +195,17 @@ class Replica:
 
     async def ready(self) -> ReplicaInfo:
         if self.store is not None:
-            version, refs = await self.store.latest.remote()
-            if refs and version > self.version:
-                await self.load_weights(await refs[0], version)
+            version, refs, holders = await self.store.latest.remote()
+            if version > self.version:
+                if refs:
+                    await self.load_weights(await refs[0], version)
+                else:  # a direct publish: from a replica that took it
+                    for holder in holders:
+                        try:
+                            await self.load_weights(await holder.export_weights.remote(), version)
+                            break
+                        except Exception:  # gone too: the next holder
+                            continue
         e = self.engine
         return ReplicaInfo(os.getpid(), str(e.k.device), self.version, e.pool.total * e.block_size, e.cache_bytes)
 
@@ -315,6 +325,64 @@ class Replica:
             if taken:
                 await asyncio.gather(*taken)
         return self.version
+
+    # -- direct weight sync (weights.DirectPublisher) ---------------------------------------
+    def direct_layout(self) -> tuple[list[tuple[str, tuple[int, ...]]], str] | None:
+        """The parameters' order and shapes in the flat buffer and their dtype; None where the
+        direct path does not apply (tensor-parallel ranks, int8 layers)."""
+        from orchestrator.inference.quantize import Int8Linear
+
+        model = self.engine.model
+        if self.shards or any(isinstance(m, Int8Linear) for m in model.modules()):
+            return None
+        params = list(model.named_parameters())
+        return [(n, tuple(p.shape)) for n, p in params], str(params[0][1].dtype).removeprefix("torch.")
+
+    def _flatten(self) -> None:
+        """Points the parameters at one buffer (and allocates its twin): a sync then swaps them."""
+        params = [p for _, p in self.engine.model.named_parameters()]
+        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        self.spare = torch.empty_like(self.flat)
+        self._point(self.flat)
+
+    def _point(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for _, p in self.engine.model.named_parameters():
+            p.data = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+
+    async def join_sync(self, host: str, port: int, rank: int, world: int, session: str, timeout_s: float) -> None:
+        from orchestrator.inference.weights import sync_group
+
+        if self.direct_layout() is None:
+            raise WeightMismatch("direct weight sync does not apply to this replica (tensor-parallel or int8)")
+        if self.flat is None:
+            self._flatten()
+        device = "cuda" if self.flat.is_cuda else "cpu"
+        self.sync = None
+        pg = await asyncio.to_thread(sync_group, host, port, rank, world, session, device, timeout_s)
+        self.sync = (session, pg)
+
+    async def receive_direct(self, version: int, numel: int) -> int:
+        """Takes the broadcast into the spare buffer, then, between two engine steps, points the
+        parameters at it: all of them or, if the broadcast failed, none."""
+        from orchestrator.inference.weights import broadcast
+
+        if self.sync is None or self.spare is None or self.spare.numel() != numel:
+            raise WeightMismatch(f"direct sync: this replica expects {None if self.spare is None else self.spare.numel()} "
+                                 f"values in a joined group, got {numel}")
+        await asyncio.to_thread(broadcast, self.sync[1], self.spare)
+        self.engine_lock = self.engine_lock or asyncio.Lock()
+        async with self.engine_lock:
+            self._point(self.spare)
+            self.flat, self.spare = self.spare, self.flat
+            self.engine.weights_changed()
+            self.version = max(self.version, version)
+        return self.version
+
+    def export_weights(self) -> dict:
+        """The weights served (for a replica that replaces a dead one after a direct sync)."""
+        return {k: v.detach().clone() for k, v in self.engine.model.state_dict().items()}
 
     def stats(self) -> Stats:
         stats = self.engine.stats()

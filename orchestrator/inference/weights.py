@@ -1,5 +1,13 @@
 """Weight sync from training into a pool's replicas, with no HTTP code (training imports this).
 
+Two paths. Direct (``DirectPublisher``, what training uses): the publisher and the pool's
+replicas form a torch.distributed process group of their own (gloo for CPU tensors, NCCL for
+CUDA ones; not the training ranks' world), made at the first publish and again whenever the
+replicas changed; the weights go as one flat buffer in one broadcast, into a spare buffer of each
+replica, which then points its parameters at it between two engine steps (no copy) and keeps the
+old one as the next spare. Through the store (``publish``, and the fallback for tensor-parallel or
+int8 replicas): the weights go through Ray's object store.
+
 A sync is all-or-nothing: the names, shapes and dtypes of the sent tensors are checked against
 the model's before any tensor is copied, by the pool's weight store and again by each replica,
 so a mismatch leaves every replica serving what it served. The store (the Ray actor
@@ -68,29 +76,60 @@ class PublishResult:
     failed: list[str] = field(default_factory=list)  # one line per replica that did not
 
 
+@dataclass
+class DirectPlan:
+    """What a direct publish needs to know: the version it publishes, the replicas (index, actor
+    handle, actor id), the order and shapes of the parameters in the flat buffer, their dtype."""
+
+    version: int
+    members: list[tuple[int, object, str]]
+    layout: list[tuple[str, tuple[int, ...]]]
+    dtype: str
+    expected: dict[str, tuple[int, ...]]
+
+
 class WeightStore:
-    """The pool's latest published weights (a Ray actor, ``<pool>/weights``) and the fan-out of
-    each publish to the pool's live replicas."""
+    """The pool's latest published weights (a Ray actor, ``<pool>/weights``), the fan-out of
+    each publish through it to the pool's live replicas, and the versions of direct publishes."""
 
     def __init__(self, expected: dict[str, tuple[int, ...]]):
         self.expected = expected
         self.version = 0
         self.ref = None  # owned here: it outlives the process that published it
         self.replicas: dict[int, object] = {}
+        self.holders: list = []  # after a direct publish: the replicas that took it
 
     def set_replica(self, index: int, handle) -> None:
         self.replicas[index] = handle
 
-    def latest(self) -> tuple[int, list]:
-        """(version, [ref of the weights]) or (0, []) before the first publish."""
-        return self.version, [] if self.ref is None else [self.ref]
+    def latest(self) -> tuple[int, list, list]:
+        """(version, [ref of the weights] or [], replicas that hold them): what a replacement
+        loads; (0, [], []) before the first publish."""
+        return self.version, [] if self.ref is None else [self.ref], list(self.holders)
+
+    async def direct_plan(self) -> DirectPlan | None:
+        """The next version and the replicas for a direct publish, or None where a replica cannot
+        take one (tensor-parallel, int8) and the publish goes through the store."""
+        handles = dict(self.replicas)
+        layouts = await asyncio.gather(*[h.direct_layout.remote() for h in handles.values()], return_exceptions=True)
+        members = [(i, h, h._actor_id.hex()) for (i, h), lay in zip(handles.items(), layouts)
+                   if not isinstance(lay, BaseException)]
+        usable = [lay for lay in layouts if not isinstance(lay, BaseException)]
+        if not usable or any(lay is None for lay in usable):
+            return None
+        self.version += 1
+        return DirectPlan(self.version, members, usable[0][0], usable[0][1], self.expected)
+
+    def record_direct(self, version: int, holders: list) -> None:
+        if version == self.version:
+            self.ref, self.holders = None, holders
 
     async def publish(self, weights: dict) -> PublishResult:
         import ray
 
         check(weights, self.expected)
         self.version += 1
-        version, self.ref = self.version, ray.put(weights)
+        version, self.ref, self.holders = self.version, ray.put(weights), []
         handles = dict(self.replicas)
         results = await asyncio.gather(*[h.load_weights.remote(self.ref, version) for h in handles.values()],
                                        return_exceptions=True)
@@ -101,15 +140,100 @@ class WeightStore:
         return PublishResult(version, len(handles) - len(failed), failed)
 
 
-def publish(pool: str, weights: dict, timeout_s: float = 120.0) -> PublishResult:
-    """Sends full weights (our names) to the named pool on this Ray cluster, from any process;
-    its replicas swap them in between decode steps. Raises WeightMismatch (nothing copied) or
-    PoolNotFound; a replica that fails is counted in the result, not raised."""
+def find_store(pool: str):
     import ray
 
     try:
-        store = ray.get_actor(store_name(pool), namespace=NAMESPACE)
+        return ray.get_actor(store_name(pool), namespace=NAMESPACE)
     except ValueError:
         raise PoolNotFound(f"no inference pool named {pool!r} runs on this Ray cluster "
                            f"(start one with launch.serve inference.name={pool})") from None
-    return ray.get(store.publish.remote(weights), timeout=timeout_s)
+
+
+def publish(pool: str, weights: dict, timeout_s: float = 120.0) -> PublishResult:
+    """Sends full weights (our names) to the named pool through its weight store (Ray's object
+    store), from any process; its replicas swap them in between decode steps. Raises
+    WeightMismatch (nothing copied) or PoolNotFound; a replica that fails is counted in the
+    result, not raised."""
+    import ray
+
+    return ray.get(find_store(pool).publish.remote(weights), timeout=timeout_s)
+
+
+def broadcast(pg, tensor) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+def sync_group(host: str, port: int, rank: int, world: int, session: str, device: str, timeout_s: float):
+    """A process group of its own (not the default world): gloo for CPU tensors, NCCL for CUDA."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.PrefixStore(session, dist.TCPStore(host, port, world, rank == 0, timeout))
+    if device == "cuda":
+        return dist.ProcessGroupNCCL(store, rank, world)
+    return dist.ProcessGroupGloo(store, rank, world, timeout)
+
+
+class DirectPublisher:
+    """The publishing end of the direct weight sync (a training job's rank 0, a benchmark)."""
+
+    def __init__(self, pool: str, timeout_s: float = 60.0):
+        self.pool = pool
+        self.timeout_s = timeout_s
+        self.pg = None
+        self.member_ids: list[str] = []
+
+    def _connect(self, plan: DirectPlan, device: str) -> None:
+        import uuid
+
+        import ray
+
+        from orchestrator.worker import free_port
+
+        host, port = ray.util.get_node_ip_address(), free_port()
+        session, world = uuid.uuid4().hex, len(plan.members) + 1
+        joined = [h.join_sync.remote(host, port, rank + 1, world, session, self.timeout_s)
+                  for rank, (_, h, _) in enumerate(plan.members)]
+        self.pg = sync_group(host, port, 0, world, session, device, self.timeout_s)  # waits for every member
+        ray.get(joined, timeout=self.timeout_s)
+        self.member_ids = [m[2] for m in plan.members]
+
+    def publish(self, weights: dict) -> PublishResult:
+        """Raises WeightMismatch (nothing sent) or PoolNotFound; a replica that fails is counted."""
+        import ray
+        import torch
+
+        store = find_store(self.pool)
+        plan: DirectPlan | None = ray.get(store.direct_plan.remote(), timeout=self.timeout_s)
+        if plan is None:
+            return ray.get(store.publish.remote(weights), timeout=self.timeout_s)
+        check(weights, plan.expected)
+        device = "cuda" if any(w.is_cuda for w in weights.values()) else "cpu"
+        dtype = getattr(torch, plan.dtype)
+        flat = torch.cat([weights[name].detach().reshape(-1).to(device, dtype) for name, _ in plan.layout])
+        if [m[2] for m in plan.members] != self.member_ids:
+            self._connect(plan, device)  # the first publish, or the replicas changed
+        taking = [h.receive_direct.remote(plan.version, flat.numel()) for _, h, _ in plan.members]
+        try:
+            broadcast(self.pg, flat)
+        except Exception:
+            self.member_ids = []  # a member left mid-way: a new group next time
+            raise
+        results = [None] * len(taking)
+        for n, ref in enumerate(taking):
+            try:
+                results[n] = ray.get(ref, timeout=self.timeout_s)
+            except Exception as exc:
+                results[n] = exc
+        failed = [f"replica {m[0]}: {type(r).__name__}: {str(r).splitlines()[0] if str(r) else ''}"
+                  for m, r in zip(plan.members, results) if isinstance(r, BaseException)]
+        ray.get(store.record_direct.remote(plan.version, [m[1] for m, r in zip(plan.members, results)
+                                                          if not isinstance(r, BaseException)]))
+        return PublishResult(plan.version, len(taking) - len(failed), failed)
