@@ -7,13 +7,22 @@ the threads) driven over HTTP by that many client threads, each sending one prom
 (b) transformers' LlamaForCausalLM.generate on the exported model, the prompts in batches of that
 size (left padding, its KV cache), in this process with the same threads. Greedy decoding, the same
 prompts and max_tokens. Tokens/s counts generated tokens; latency is per request (for generate,
-a request's latency is its batch's time). Then a weight sync: the model's full weights published
-to the running pool through Ray (what a training job with inference.sync_every does, replicas
-swapping them between decode steps) against a plain in-memory copy of the same tensors, median of
---sync-rounds. Last, the machine's ceiling at the largest client count: the time of one decode
-step's linear layers alone (projections, MLP, output; no attention, cache, sampling or serving)
-for that many sequences, as tokens/s, and its ratio to transformers' measured tokens/s: no engine
-can beat that ratio on this machine. Prints one JSON line last.
+a request's latency is its batch's time). The two alternate, level by level.
+
+Then, on the engine alone: the cost of n=8 samples of one 128-token prompt (max_tokens=1: the
+prefill and first token) against one sample, and against 8 different prompts of that length; and
+the prefix cache on a shared-prefix workload (32 requests whose prompts share a 96-token prefix,
+then differ) through the server: the hit rate /metrics reports.
+
+Then weight sync, for 1 and 2 replicas: the model's full weights published by the direct path
+(weights.DirectPublisher: one broadcast over a gloo group of its own into each replica's spare
+buffer) and through the store (Ray's object store), against a plain in-memory copy (memcpy) of the
+same tensors, median of --sync-rounds.
+
+Last, the machine's ceiling at the largest client count: the time of one decode step's linear
+layers alone (projections, MLP, output; no attention, cache, sampling or serving) for that many
+sequences, as tokens/s, its ratio to transformers' measured tokens/s (no engine can beat that
+ratio on this machine), and our fraction of it. Prints one JSON line last.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ from orchestrator.inference.client import Client
 from orchestrator.inference.config import compose
 from orchestrator.inference.replica import load_model
 from orchestrator.inference.server import Background, build
-from orchestrator.inference.weights import publish
+from orchestrator.inference.weights import DirectPublisher, publish
 
 
 def prompts_from_corpus(n: int, chars: int = 48) -> list[str]:
@@ -89,20 +98,90 @@ def transformers_generate(model, tok, prompts: list[str], batch: int, max_tokens
 
 
 def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
+    """Direct and store sync of the full weights to every replica of ``pool`` against memcpy."""
     weights = {k: v.detach().clone() for k, v in load_model(checkpoint)[0].state_dict().items()
                if not k.startswith("rope_")}
-    sync, copy = [], []
+    publisher = DirectPublisher(pool)
+    times: dict[str, list[float]] = {"direct": [], "store": [], "copy": []}
+    replicas = {}
+    publisher.publish(weights)  # the group is made at the first publish: not timed
     for _ in range(rounds):
         t = time.perf_counter()
-        replicas = publish(pool, weights).replicas
-        sync.append(time.perf_counter() - t)
+        replicas["direct"] = publisher.publish(weights).replicas
+        times["direct"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        replicas["store"] = publish(pool, weights).replicas
+        times["store"].append(time.perf_counter() - t)
         t = time.perf_counter()
         copied = {k: v.clone() for k, v in weights.items()}
-        copy.append(time.perf_counter() - t)
+        times["copy"].append(time.perf_counter() - t)
         del copied
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {"bytes": sum(v.numel() * v.element_size() for v in weights.values()), "replicas": replicas,
-            "sync_s": statistics.median(sync), "copy_s": statistics.median(copy),
-            "sync_over_copy": statistics.median(sync) / statistics.median(copy)}
+            "direct_s": med["direct"], "store_s": med["store"], "copy_s": med["copy"],
+            "direct_over_copy": med["direct"] / med["copy"], "store_over_copy": med["store"] / med["copy"]}
+
+
+def group_cost(checkpoint: str, threads: int, n: int = 8, length: int = 128, rounds: int = 5) -> dict:
+    """Engine alone: the prefill (and first token) of n samples of one prompt against one sample,
+    and against n different prompts of the same length; median seconds of ``rounds``."""
+    from orchestrator.inference.engine import GenerationEngine
+    from orchestrator.inference.types import Request
+
+    torch.set_num_threads(threads)
+    model, tok, eos = load_model(checkpoint)
+    text = (SAMPLES_DIR / "tinyshakespeare.txt").read_text()
+    ids = tok.encode(text[:20000]).ids
+
+    def prompt(i: int) -> tuple[int, ...]:
+        return tuple(ids[i * length:(i + 1) * length])
+
+    def timed(requests: list) -> float:
+        engine = GenerationEngine(model, tok, eos, block_size=16, num_blocks=512, max_batch=max(n, 1),
+                                  prefix_cache=False)
+        for r in requests:
+            engine.add(r)
+        t = time.perf_counter()
+        while engine.busy:
+            engine.step()
+        return time.perf_counter() - t
+
+    cases = {"one": lambda: [Request("0", prompt(0), 1)],
+             "group": lambda: [Request(str(j), prompt(0), 1, temperature=1.0, seed=j) for j in range(n)],
+             "distinct": lambda: [Request(str(j), prompt(j), 1) for j in range(n)]}
+    for make in cases.values():
+        timed(make())  # warm-up
+    med = {k: statistics.median(timed(make()) for _ in range(rounds)) for k, make in cases.items()}
+    return {"n": n, "prompt_tokens": length, "one_s": med["one"], "group_s": med["group"],
+            "distinct_s": med["distinct"], "group_over_one": med["group"] / med["one"],
+            "distinct_over_one": med["distinct"] / med["one"]}
+
+
+def prefix_workload(url: str, tok, requests: int = 32, prefix_tokens: int = 96) -> dict:
+    """Requests whose prompts share a ``prefix_tokens`` prefix: the prefix-cache hit rate."""
+    text = (SAMPLES_DIR / "tinyshakespeare.txt").read_text()
+    ids = tok(text[:4000])["input_ids"]
+    shared = ids[:prefix_tokens]
+    client = Client(url)
+    before = metric(client.metrics(), "forgeline_serve_prefix_cache_tokens")
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda i: client.post("/v1/completions", {"prompt": shared + ids[200 + 8 * i:208 + 8 * i],
+                                                               "max_tokens": 8, "temperature": 0}), range(requests)))
+    after = metric(client.metrics(), "forgeline_serve_prefix_cache_tokens")
+    queried = after["queried"] - before["queried"]
+    hit = after["hit"] - before["hit"]
+    return {"requests": requests, "prefix_tokens": prefix_tokens, "prompt_tokens": prefix_tokens + 8,
+            "queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else 0.0}
+
+
+def metric(text: str, name: str) -> dict[str, float]:
+    """{label value: value} of a Prometheus gauge with one label."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            label = line.split('"')[1]
+            out[label] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def linear_ceiling(checkpoint: str, batch: int, rounds: int = 50) -> dict:
@@ -150,12 +229,15 @@ def main() -> None:
     tok.padding_side = "left"
     hf = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
 
-    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    from orchestrator.cluster import init_loopback
+
+    init_loopback(num_cpus=max(args.threads, 4), include_dashboard=False, log_to_driver=False)
     cfg = compose([f"checkpoint={args.checkpoint}", "inference.replicas=1", "inference.port=0",
                    f"inference.cpus_per_replica={args.threads}", f"inference.max_batch={max(levels)}",
                    f"inference.queue_limit={4 * max(levels)}"])
     server = Background(build(cfg))
-    results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "threads": args.threads, "levels": {}}
+    results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "threads": args.threads, "levels": {},
+                     "sync": {}}
     try:
         ours(server.url, prompts[:4], 4, 8)  # warm-up
         transformers_generate(hf, tok, prompts[:4], 4, 8)
@@ -164,16 +246,30 @@ def main() -> None:
             b = transformers_generate(hf, tok, prompts, c, args.max_tokens)
             results["levels"][c] = {"ours": a, "transformers": b, "tokens_per_s_ratio": a["tokens_per_s"] / b["tokens_per_s"]}
             print(json.dumps({"clients": c, **results["levels"][c]}), flush=True)
-        results["sync"] = sync_against_copy(cfg.inference.name, args.checkpoint, args.sync_rounds)
-        print(json.dumps({"sync": results["sync"]}), flush=True)
+        results["prefix_cache"] = prefix_workload(server.url, tok)
+        print(json.dumps({"prefix_cache": results["prefix_cache"]}), flush=True)
+        results["sync"]["1"] = sync_against_copy(cfg.inference.name, args.checkpoint, args.sync_rounds)
+        print(json.dumps({"sync_1_replica": results["sync"]["1"]}), flush=True)
+    finally:
+        server.stop()
+    # Two replicas of one CPU each (the machine has 2 cores) for the sync to 2.
+    cfg2 = compose([f"checkpoint={args.checkpoint}", "inference.replicas=2", "inference.port=0",
+                    "inference.name=sync2", "inference.cpus_per_replica=1"])
+    server = Background(build(cfg2))
+    try:
+        results["sync"]["2"] = sync_against_copy("sync2", args.checkpoint, args.sync_rounds)
+        print(json.dumps({"sync_2_replicas": results["sync"]["2"]}), flush=True)
     finally:
         server.stop()
         ray.shutdown()
+    results["group"] = group_cost(args.checkpoint, args.threads)
+    print(json.dumps({"group": results["group"]}), flush=True)
     top = results["levels"][max(levels)]
     results["tokens_per_s_ratio_at_max_clients"] = top["tokens_per_s_ratio"]
     ceiling = linear_ceiling(args.checkpoint, max(levels))
     results["linear_ceiling"] = {**ceiling, "ratio_to_transformers":
-                                 ceiling["tokens_per_s"] / top["transformers"]["tokens_per_s"]}
+                                 ceiling["tokens_per_s"] / top["transformers"]["tokens_per_s"],
+                                 "our_fraction": top["ours"]["tokens_per_s"] / ceiling["tokens_per_s"]}
     print(json.dumps(results))
 
 
