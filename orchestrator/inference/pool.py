@@ -67,7 +67,8 @@ class Pool:
 
         self.cfg = cfg
         self.options = engine_options(cfg)
-        self.actor_cls = ray.remote(replica_cls or Replica)
+        # "control": cancellations, on a loop of their own (replica.Replica.cancel).
+        self.actor_cls = ray.remote(concurrency_groups={"control": 16})(replica_cls or Replica)
         self.store = ray.remote(WeightStore).options(name=store_name(cfg.inference.name), namespace=NAMESPACE,
                                                      num_cpus=0).remote(expected)
         self.spawned = 0
