@@ -270,7 +270,7 @@ def test_fuzz_the_api(served):
     assert total >= 500 and seen.get(200, 0) >= 100 and seen.get(400, 0) >= 100, seen
     assert replica_pids(bg) == pids and pool.replaced == replaced
     stats = replica_stats(bg)
-    assert all(s.failed_requests == 0 and s.extra["engine_faults"] == 0 for s in stats), stats
+    assert all(s.failed_requests == 0 and s.engine_faults == 0 for s in stats), stats
     assert all(s.free_blocks == s.total_blocks for s in stats) and pool.inflight == 0
     assert Client(bg.url).complete(PROMPTS[3], max_tokens=12, temperature=0)["choices"][0]["text"] == reference(
         model, tok, eos, PROMPTS[3], 12)

@@ -285,11 +285,10 @@ def parse_detokenize(data: dict, limits: Limits) -> list[int]:
 
 # -- what clients get back -------------------------------------------------------------------
 class Shapes:
-    """OpenAI's response shapes for one model and tokenizer."""
+    """OpenAI's response shapes for one tokenizer."""
 
-    def __init__(self, tokenizer, model: str):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.model = model
 
     def piece(self, token: int) -> str:
         return self.tokenizer.decode([token])

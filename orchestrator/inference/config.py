@@ -86,6 +86,7 @@ def validate(cfg: ServeConfig) -> None:
                                              "inference.token or FORGELINE_SERVE_TOKEN")
     pre = pretrained.locate(cfg.checkpoint)
     from orchestrator.inference.replica import model_shape
+    from orchestrator.inference.types import kv_bytes_per_token
 
     shape = model_shape(pre)
     if i.tp > 1:
@@ -101,7 +102,7 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("inference.kv_cache_memory_fraction", f"must be in (0, 0.95], got "
                                                                 f"{i.kv_cache_memory_fraction}")
     # fp32 weights, as replicas load them; this machine's free memory stands for a replica's.
-    per_token = 2 * shape["n_layers"] * (shape["n_kv_heads"] // i.tp) * (shape["dim"] // shape["n_heads"]) * 4
+    per_token = kv_bytes_per_token(shape["n_layers"], shape["n_kv_heads"], shape["dim"] // shape["n_heads"], 4, i.tp)
     key, value = "inference.kv_cache_tokens", i.kv_cache_tokens
     if i.kv_cache_bytes is not None:
         key, value = "inference.kv_cache_bytes", i.kv_cache_bytes
@@ -109,16 +110,23 @@ def validate(cfg: ServeConfig) -> None:
         import psutil
 
         key, value = "inference.kv_cache_memory_fraction", i.kv_cache_memory_fraction
-    from orchestrator.inference.types import EngineOptions
-
-    blocks = EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, kv_cache_bytes=i.kv_cache_bytes,
-                           kv_cache_memory_fraction=i.kv_cache_memory_fraction).num_blocks(
+    blocks = engine_options(cfg).num_blocks(
         per_token, psutil.virtual_memory().available if i.kv_cache_memory_fraction is not None else None)
     if blocks * i.block_size < max_seq_len:
         raise ConfigError(key, f"{key}={value} in blocks of inference.block_size={i.block_size} ({blocks} whole "
                                f"blocks, {blocks * i.block_size} tokens at {per_token} bytes each) cannot hold one "
                                f"sequence of the model's context (max_seq_len={max_seq_len}); raise {key} or lower "
                                "inference.block_size")
+
+
+def engine_options(cfg: ServeConfig):
+    """A replica's EngineOptions from the serve config."""
+    from orchestrator.inference.types import EngineOptions
+
+    i = cfg.inference
+    return EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, kv_cache_bytes=i.kv_cache_bytes,
+                         kv_cache_memory_fraction=i.kv_cache_memory_fraction, max_batch=i.max_batch,
+                         quantize=i.quantize, tp=i.tp, threads=i.cpus_per_replica)
 
 
 def compose(overrides: list[str] | None = None) -> ServeConfig:

@@ -268,7 +268,7 @@ class GenerationEngine:
         decoding = [s for s in self.running if s.finish_reason is None and s.cached == len(s.tokens) - 1]
         decoding = self._reserve(decoding)
         if decoding:
-            done = self._isolated(lambda seqs: self._forward_cached(seqs)[0], decoding, events)
+            done = self._isolated(self._forward_cached, decoding, events)
             self._emit_all([seq for seq, _ in done], [row for _, row in done], events)
         self._retire()
         return events
@@ -333,7 +333,7 @@ class GenerationEngine:
                 if prompt is not None:
                     prompt_logits[id(seq)] = prompt
         if resumed:
-            for seq, last in self._isolated(lambda seqs: self._forward_cached(seqs)[0], resumed, events):
+            for seq, last in self._isolated(self._forward_cached, resumed, events):
                 logits[id(seq)] = last
         for seq in fresh + resumed:
             if id(seq) in logits and self.prefix is not None:
@@ -517,7 +517,7 @@ class GenerationEngine:
             out.append((last[n], prompt))
         return out
 
-    def _forward_cached(self, seqs: list[Sequence]) -> tuple[torch.Tensor, None]:
+    def _forward_cached(self, seqs: list[Sequence]) -> torch.Tensor:
         """The tokens of each sequence past what the cache holds (one for a decode, the rest of a
         prompt after a prefix-cache hit), attending over their blocks; logits after each
         sequence's last token (S, vocab)."""
@@ -561,7 +561,7 @@ class GenerationEngine:
             h = layer(h, cos, sin, attend=attend(i))
         for s in seqs:
             s.cached = len(s.tokens)
-        return m.output(m.norm(h[torch.arange(n, device=dev), counts - 1])), None
+        return m.output(m.norm(h[torch.arange(n, device=dev), counts - 1]))
 
     def stats(self) -> Stats:
         p = self.prefix

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import ray
 
-from orchestrator.inference.config import ServeConfig
-from orchestrator.inference.types import EngineOptions, Event, ReplicaInfo, Request, Stats
+from orchestrator.inference.config import ServeConfig, engine_options
+from orchestrator.inference.types import Event, ReplicaInfo, Request, Stats
 from orchestrator.inference.weights import NAMESPACE, PublishResult, WeightStore, store_name
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,6 @@ ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 
 class ReplicaLost(Exception):
     pass
-
-
-def engine_options(cfg: ServeConfig) -> EngineOptions:
-    i = cfg.inference
-    return EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, kv_cache_bytes=i.kv_cache_bytes,
-                         kv_cache_memory_fraction=i.kv_cache_memory_fraction, max_batch=i.max_batch,
-                         quantize=i.quantize, tp=i.tp, threads=i.cpus_per_replica)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from orchestrator.inference.engine import GenerationEngine
-from orchestrator.inference.types import EngineOptions, Event, ReplicaInfo, Request, Stats
+from orchestrator.inference.types import EngineOptions, Event, ReplicaInfo, Request, Stats, kv_bytes_per_token
 from orchestrator.inference.weights import WeightMismatch, check, expected_shapes
 
 
@@ -84,15 +84,11 @@ def build_engine(checkpoint: str, options: EngineOptions, rank: int = 0, rendezv
                                 rank=rank, world_size=options.tp, timeout=timedelta(seconds=options.tp_timeout_s))
         shard_blocks(model, init_device_mesh(device, (options.tp,)))
     engine = GenerationEngine(model, tokenizer, eos, block_size=options.block_size,
-                              num_blocks=options.num_blocks(kv_bytes_per_token(model, options.tp), free_memory(device)),
+                              num_blocks=options.num_blocks(kv_bytes_per_token(
+                                  model.args.n_layers, model.args.n_kv_heads, model.args.head_dim,
+                                  next(model.parameters()).element_size(), options.tp), free_memory(device)),
                               max_batch=options.max_batch, tp=options.tp)
     return engine, tokenizer
-
-
-def kv_bytes_per_token(model, tp: int = 1) -> int:
-    """Cache bytes one token takes on one rank: keys and values of its KV heads in every layer."""
-    a = model.args
-    return 2 * a.n_layers * (a.n_kv_heads // tp) * a.head_dim * next(model.parameters()).element_size()
 
 
 def free_memory(device: str) -> int:
@@ -189,8 +185,8 @@ class Replica:
         self.steps = 0
         self.version = 0
         self.engine_faults = 0
-        # Weight swaps wait for the step in progress (a direct sync receives in a thread).
-        self.engine_lock: asyncio.Lock | None = None
+        # Steps, weight swaps and cancellations all run on this loop, so each lands between two
+        # steps with no lock (a direct sync receives in a thread, then swaps here).
         self.main_loop: asyncio.AbstractEventLoop | None = None
 
     async def ready(self) -> ReplicaInfo:
@@ -217,15 +213,14 @@ class Replica:
             adds, cancels, self.adds, self.cancels = self.adds, self.cancels, [], []
             confirm, self.confirm = self.confirm, []
             followers = [s.step.remote(adds, cancels) for s in self.shards]
-            async with self.engine_lock:
-                try:
-                    apply(self.engine, adds, cancels)
-                    self._confirm(confirm)  # cancelled: their blocks are free now
-                    # On this loop: a step in a thread of its own cost 30% of tokens/s at 8 clients
-                    # (the threads contend for the GIL). Cancellations arrive on another loop.
-                    events = self.engine.step()
-                except Exception as exc:  # the engine fails requests alone; this is a fault of its own
-                    events = self._reset(exc)
+            try:
+                apply(self.engine, adds, cancels)
+                self._confirm(confirm)  # cancelled: their blocks are free now
+                # On this loop: a step in a thread of its own cost 30% of tokens/s at 8 clients
+                # (the threads contend for the GIL). Cancellations arrive on another loop.
+                events = self.engine.step()
+            except Exception as exc:  # the engine fails requests alone; this is a fault of its own
+                events = self._reset(exc)
             try:
                 if followers:
                     await asyncio.gather(*followers)
@@ -234,7 +229,6 @@ class Replica:
 
                 traceback.print_exc()
                 os._exit(1)
-            self._confirm(confirm)
             for event in events:
                 queue = self.queues.get(event.id)
                 if queue is not None:
@@ -267,7 +261,6 @@ class Replica:
     def _ensure_loop(self) -> None:
         if self.loop is None or self.loop.done():
             self.wake = self.wake or asyncio.Event()
-            self.engine_lock = self.engine_lock or asyncio.Lock()
             self.main_loop = asyncio.get_running_loop()
             self.loop = self.main_loop.create_task(self._run())
 
@@ -332,16 +325,15 @@ class Replica:
         if version and version <= self.version:
             return self.version
         check(weights, self.expected)  # before any rank copies anything
-        self.engine_lock = self.engine_lock or asyncio.Lock()
-        async with self.engine_lock:  # between two steps
-            # The shards take them after the steps already sent to them and before the next.
-            taken = [s.load_weights.remote(weights) for s in self.shards]
-            load_into(self.engine.model, weights, self.expected)
-            self.engine.weights_changed()
-            if version:
-                self.version = version
-            if taken:
-                await asyncio.gather(*taken)
+        # No await until the copy is done: no step of ours runs in between. The shards take them
+        # after the steps already sent to them and before the next.
+        taken = [s.load_weights.remote(weights) for s in self.shards]
+        load_into(self.engine.model, weights, self.expected)
+        self.engine.weights_changed()
+        if version:
+            self.version = version
+        if taken:
+            await asyncio.gather(*taken)
         return self.version
 
     # -- direct weight sync (weights.DirectPublisher) ---------------------------------------
@@ -390,12 +382,10 @@ class Replica:
             raise WeightMismatch(f"direct sync: this replica expects {None if self.spare is None else self.spare.numel()} "
                                  f"values in a joined group, got {numel}")
         await asyncio.to_thread(broadcast, self.sync[1], self.spare)
-        self.engine_lock = self.engine_lock or asyncio.Lock()
-        async with self.engine_lock:
-            self._point(self.spare)
-            self.flat, self.spare = self.spare, self.flat
-            self.engine.weights_changed()
-            self.version = max(self.version, version)
+        self._point(self.spare)  # back on the loop: between two steps
+        self.flat, self.spare = self.spare, self.flat
+        self.engine.weights_changed()
+        self.version = max(self.version, version)
         return self.version
 
     def export_weights(self) -> dict:
@@ -405,5 +395,5 @@ class Replica:
     def stats(self) -> Stats:
         stats = self.engine.stats()
         stats.steps, stats.weights_version = self.steps, self.version
-        stats.extra = {"engine_faults": self.engine_faults}
+        stats.engine_faults = self.engine_faults
         return stats

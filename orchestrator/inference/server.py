@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -75,7 +76,7 @@ class Server:
                                  max_tokens_limit=cfg.inference.max_tokens_limit,
                                  max_sequences=cfg.inference.max_sequences_per_request,
                                  max_prompt_chars=max_seq_len * max(1, longest))
-        self.shapes = api.Shapes(tokenizer, model_name)
+        self.shapes = api.Shapes(tokenizer)
         self.metrics = Metrics()
         self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=MAX_BODY)
@@ -232,92 +233,80 @@ class Server:
             raise BadRequest("request", f"the engine failed it: {failed[0].error}", 500, "server_error")
         return results
 
+    async def _generate(self, request: web.Request, texts: list, s: api.Sampling, logprobs, echo: bool,
+                        kind: str, chunk, answer) -> web.StreamResponse:
+        """What both endpoints do: admission (429), tokenizing off the loop, then either a stream of
+        ``chunk(head, index, event)`` or one answer of ``answer(head, requests, events)``'s fields.
+        ``head``: the id, object ``kind``, time and model every chunk and answer carry."""
+        ticket = self._admit(len(texts) * s.n)
+        try:
+            start = time.perf_counter()
+            prompts = await self._off_loop(lambda: self._encode(texts, s.max_tokens))
+            cid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            head = {"id": cid, "object": kind, "created": int(time.time()), "model": self.model_name}
+            subs = self._requests(cid, prompts, s, logprobs, echo)
+            self.metrics.tokens.labels("prompt").inc(sum(map(len, prompts)) * s.n)
+            if s.stream:
+                return await self._stream(request, subs, ticket, lambda n, e: chunk(head, n, e), start,
+                                          s.include_usage, {**head, "choices": []})
+            results = await self._run_whole(subs, ticket)
+        finally:
+            ticket.close()
+        completion = sum(e.completion_tokens for e in results)
+        self.metrics.latency.observe(time.perf_counter() - start)
+        self.metrics.requests.labels("ok").inc()
+        self.metrics.tokens.labels("completion").inc(completion)
+        return web.json_response({**head, **answer(head, subs, results),
+                                  "usage": self.shapes.usage(sum(map(len, prompts)), completion)})
+
     # -- completions -------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         data = await self._json(request)
         body = api.parse_completion(data, self.limits)
         self._check_model(data)
-        s = body.sampling
-        ticket = self._admit(len(body.prompts) * s.n)
-        try:
-            start = time.perf_counter()
-            prompts = await self._off_loop(lambda: self._encode(body.prompts, s.max_tokens))
-            cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-            subs = self._requests(cid, prompts, s, body.logprobs, body.echo)
-            self.metrics.tokens.labels("prompt").inc(sum(map(len, prompts)) * s.n)
-            created = int(time.time())
 
-            def chunk(index: int, event: Event) -> dict:
-                return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                        "choices": [self.shapes.completion_choice(index, event, None, body.logprobs)]}
+        def chunk(head: dict, index: int, event: Event) -> dict:
+            return {**head, "choices": [self.shapes.completion_choice(index, event, None, body.logprobs)]}
 
-            if s.stream:
-                return await self._stream(request, subs, ticket, chunk, start, s.include_usage,
-                                          {"id": cid, "object": "text_completion", "created": created,
-                                           "model": self.model_name, "choices": []})
-            results = await self._run_whole(subs, ticket)
-        finally:
-            ticket.close()
-        choices = [self.shapes.completion_choice(
-            n, e, self.tokenizer.decode(list(subs[n].prompt_ids)) if body.echo else None, body.logprobs)
-            for n, e in enumerate(results)]
-        return self._answer({"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                             "choices": choices}, prompts, results, start)
+        def answer(head: dict, subs: list[Request], results: list[Event]) -> dict:
+            return {"choices": [self.shapes.completion_choice(
+                n, e, self.tokenizer.decode(list(subs[n].prompt_ids)) if body.echo else None, body.logprobs)
+                for n, e in enumerate(results)]}
 
-    def _answer(self, payload: dict, prompts: list[list[int]], results: list[Event], start: float) -> web.Response:
-        completion = sum(e.completion_tokens for e in results)
-        prompt = sum(map(len, prompts))
-        self.metrics.latency.observe(time.perf_counter() - start)
-        self.metrics.requests.labels("ok").inc()
-        self.metrics.tokens.labels("completion").inc(completion)
-        return web.json_response({**payload, "usage": self.shapes.usage(prompt, completion)})
+        return await self._generate(request, body.prompts, body.sampling, body.logprobs, body.echo,
+                                    "text_completion", chunk, answer)
 
     # -- chat --------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         data = await self._json(request)
         body = api.parse_chat(data, self.limits)
         self._check_model(data)
-        s = body.sampling
-        ticket = self._admit(s.n)
-        try:
-            start = time.perf_counter()
-            prompts = await self._off_loop(lambda: self._encode([body.text], s.max_tokens))
-            cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-            subs = self._requests(cid, prompts, s, body.logprobs, False)
-            self.metrics.tokens.labels("prompt").inc(len(prompts[0]) * s.n)
-            created = int(time.time())
-            started: set[int] = set()
+        started: set[int] = set()
 
-            def chunk(index: int, event: Event) -> dict:
-                delta = {"content": event.text}
-                if index not in started:
-                    started.add(index)
-                    delta = {"role": "assistant", **delta}
-                lp = None if body.logprobs is None else self.shapes.chat_logprobs(event.logprobs or [])
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "choices": [{"index": index, "delta": delta, "finish_reason": event.finish_reason,
-                                     "logprobs": lp}]}
+        def logprobs(event: Event):
+            return None if body.logprobs is None else self.shapes.chat_logprobs(event.logprobs or [])
 
-            if s.stream:
-                return await self._stream(request, subs, ticket, chunk, start, s.include_usage,
-                                          {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                           "model": self.model_name, "choices": []})
-            results = await self._run_whole(subs, ticket)
-        finally:
-            ticket.close()
-        choices = [{"index": n, "message": {"role": "assistant", "content": e.text}, "finish_reason": e.finish_reason,
-                    "logprobs": None if body.logprobs is None else self.shapes.chat_logprobs(e.logprobs or [])}
-                   for n, e in enumerate(results)]
-        return self._answer({"id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
-                             "choices": choices}, prompts, results, start)
+        def chunk(head: dict, index: int, event: Event) -> dict:
+            delta = {"content": event.text}
+            if index not in started:
+                started.add(index)
+                delta = {"role": "assistant", **delta}
+            return {**head, "choices": [{"index": index, "delta": delta, "finish_reason": event.finish_reason,
+                                         "logprobs": logprobs(event)}]}
+
+        def answer(head: dict, subs: list[Request], results: list[Event]) -> dict:
+            return {"object": "chat.completion", "choices": [
+                {"index": n, "message": {"role": "assistant", "content": e.text}, "finish_reason": e.finish_reason,
+                 "logprobs": logprobs(e)} for n, e in enumerate(results)]}
+
+        return await self._generate(request, [body.text], body.sampling, body.logprobs, False,
+                                    "chat.completion.chunk", chunk, answer)
 
     # -- streams -----------------------------------------------------------------------------
     async def _stream(self, request: web.Request, subs: list[Request], ticket: Ticket, chunk, start: float,
                       include_usage: bool, usage_head: dict) -> web.StreamResponse:
         """Server-sent events: a chunk per step per sequence, then ``data: [DONE]``, always: a
         failed sequence or the request timeout sends an error chunk first."""
-        import json
-
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         queue: asyncio.Queue = asyncio.Queue()

@@ -2,10 +2,15 @@
 options, one generation request, and what a step produced for it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_LOGPROBS = 5  # the most alternatives per position a request may ask for (OpenAI's limit)
 MAX_SEED = 2**63 - 1
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, element_size: int, tp: int = 1) -> int:
+    """Cache bytes one token takes on one rank: keys and values of its KV heads in every layer."""
+    return 2 * n_layers * (n_kv_heads // tp) * head_dim * element_size
 
 
 @dataclass(frozen=True)
@@ -103,4 +108,4 @@ class Stats:
     prefix_hit_tokens: int = 0  # of those, found there
     shared_prefills: int = 0  # samples that took their group's prefill
     weights_version: int = 0
-    extra: dict = field(default_factory=dict)
+    engine_faults: int = 0  # steps that raised outside any one request (the engine was reset)
