@@ -6,11 +6,14 @@ from orchestrator.config import JobConfig
 
 
 def evaluate_init(job: JobConfig) -> dict:
-    """{val_loss, val_exact_match, val_examples} of model.init_from on job's held-out rows,
+    """{val_loss, val_exact_match, val_examples} (DPO: also val_preference_accuracy and
+    val_reward_margin) of model.init_from on job's held-out rows,
     in one process on CPU (the same micro-batches as a one-rank job's evaluation)."""
+    import numpy as np
     import torch
 
     from orchestrator import pretrained
+    from orchestrator.alignment.losses import objective_of
     from orchestrator.data import open_blocks, prepare
     from orchestrator.models import Llama
     from orchestrator.trainer import model_args
@@ -25,9 +28,18 @@ def evaluate_init(job: JobConfig) -> dict:
     model.eval()
     mb = job.trainer.micro_batch_size
     n = examples.n_val - examples.n_val % mb
+    if hasattr(examples, "reference"):  # DPO: the starting weights are the reference
+        from orchestrator.alignment.losses import token_logps
+
+        rows = np.arange(examples.n_train, examples.n_train + n)
+        with torch.no_grad():
+            for i in range(0, n, mb):
+                x, y = examples.rows(rows[i:i + mb])
+                logps = token_logps(model(x), y)[0].sum(-1)
+                examples.reference[rows[i:i + mb]] = torch.stack([logps[:mb], logps[mb:]], dim=1)
     batches = [examples.batch(list(range(i, i + mb)), split="val") for i in range(0, n, mb)]
     if not batches:
         raise ValueError(f"the held-out split has {examples.n_val} rows, fewer than one micro-batch ({mb})")
     with torch.no_grad():
-        scores = evaluate(model, batches, torch.device("cpu"), None)
+        scores = evaluate(model, batches, torch.device("cpu"), None, objective_of(job.alignment))
     return {**scores, "val_examples": n}

@@ -111,13 +111,19 @@ class Examples:
         self.n_val = int(total * val_fraction)
         self.n_train = total - self.n_val
         if self.n_train < 1:
-            raise ConfigError("data.val_fraction", f"no training example left of {total}")
+            raise ConfigError("data.val_fraction", f"no training row left of {total}")
 
     def batch(self, ids: np.ndarray, split: str = "train"):
-        import torch
-
         rows = np.asarray(ids) + (0 if split == "train" else self.n_train)
-        tokens = torch.from_numpy(self.tokens[rows].astype(np.int64))
-        targets = tokens[:, 1:].clone()
-        targets[~torch.from_numpy(np.ascontiguousarray(self.mask[rows][:, 1:]))] = IGNORE
-        return tokens[:, :-1], targets
+        return inputs_and_targets(self.tokens[rows], self.mask[rows])
+
+
+def inputs_and_targets(tokens: np.ndarray, mask: np.ndarray):
+    """Padded rows (N, seq_len + 1) and their trained positions -> (inputs, targets) tensors,
+    targets IGNORE where the position is not trained."""
+    import torch
+
+    tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+    targets = tokens[:, 1:].clone()
+    targets[~torch.from_numpy(np.ascontiguousarray(mask[:, 1:]))] = IGNORE
+    return tokens[:, :-1], targets

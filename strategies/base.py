@@ -15,12 +15,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from orchestrator.config import OptimConfig, TrainerConfig
-from orchestrator.models import causal_lm_loss
-from orchestrator.sft import IGNORE as IGNORE_INDEX
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.topology import Topology
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (input ids, target ids), both (B, T)
+# (input ids, target ids), both (B, T), then whatever the job's objective needs besides
+# (orchestrator.alignment.losses): reference log-probabilities, advantages.
+Batch = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,19 @@ class EngineContext:
     seed: int
     # finetune.lora when its rank is > 0: the engine trains adapters on a frozen model.
     lora: Any = None
+    # The loss of each micro-batch from its logits (orchestrator.alignment.losses); None: the
+    # data's own language-model loss.
+    objective: Any = None
 
     @property
     def max_steps(self) -> int:
         return self.trainer.max_steps
+
+    @property
+    def loss_of(self):
+        from orchestrator.alignment.losses import LanguageModeling
+
+        return self.objective or LanguageModeling()
 
 
 @dataclass(frozen=True)
@@ -117,21 +126,17 @@ def model_weights(model: nn.Module, weights: dict) -> dict:
 
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], micro_batches: list[Batch], device: torch.device,
-             group: dist.ProcessGroup | None) -> dict[str, float]:
-    """Mean loss over the micro-batches and the exact-match rate of their rows (a row matches
-    when the greedy choice at every target position is the target: greedy decoding would
-    reproduce the reference answer), each averaged over ``group``'s ranks."""
-    loss = torch.zeros((), device=device)
-    exact = torch.zeros((), device=device)
-    rows = 0
-    for x, y in micro_batches:
-        logits = full_value(forward(x))  # a tensor-parallel model's logits are gathered for eval
-        loss += causal_lm_loss(logits, y)
-        hit = (logits.argmax(-1) == y) | (y == IGNORE_INDEX)
-        exact += hit.all(dim=1).sum()
-        rows += y.shape[0]
-    return {"val_loss": mean_over_group(loss / len(micro_batches), group),
-            "val_exact_match": mean_over_group(exact / max(rows, 1), group)}
+             group: dist.ProcessGroup | None, objective=None) -> dict[str, float]:
+    """The objective's held-out figures (for the language-model loss: the mean loss and the
+    exact-match rate of the rows, a row matching when the greedy choice at every target position
+    is the target, so that greedy decoding would reproduce the reference answer), averaged over
+    the micro-batches (all of one size) and ``group``'s ranks."""
+    from orchestrator.alignment.losses import LanguageModeling, reduce_stats
+
+    objective = objective or LanguageModeling()
+    stats = [objective.eval_stats(full_value(forward(b[0])), b)  # tensor-parallel logits gathered for eval
+             for b in micro_batches]
+    return reduce_stats(stats, group)
 
 
 def restore_schedule(scheduler, state: dict | None) -> None:
@@ -220,22 +225,38 @@ class TorchEngine:
         return torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
 
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        from orchestrator.alignment.losses import reduce_stats
+
         n = len(micro_batches)
         lr = self.optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=self.ctx.device)
-        for i, (x, y) in enumerate(micro_batches):
+        stats = []
+        objective = self.ctx.loss_of
+        for i, batch in enumerate(micro_batches):
             sync = self.no_sync() if i < n - 1 else contextlib.nullcontext()
             with sync, self.loss_context():
                 with autocast(self.ctx.device, self.ctx.precision):
-                    loss = causal_lm_loss(self.module(x), y)
+                    loss, extra = objective.loss(self.module(batch[0]), batch)
                 (loss / n).backward()
             total += full_value(loss.detach())
+            stats.append(extra)
         grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self._grad_bytes = tensor_bytes(p.grad for p in self.params)  # as held during the step
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=self._mean_over_dp(total / n), grad_norm=float(grad_norm), lr=lr)
+        return StepResult(loss=self._mean_over_dp(total / n), grad_norm=float(grad_norm), lr=lr,
+                          extra=reduce_stats(stats, self.dp_group))
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for ``x`` in evaluation mode, without gradients."""
+        self.module.eval()
+        try:
+            with autocast(self.ctx.device, self.ctx.precision):
+                return full_value(self.module(x)).float()
+        finally:
+            self.module.train()
 
     def eval_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +265,7 @@ class TorchEngine:
 
         self.module.eval()
         try:
-            return evaluate(forward, micro_batches, self.ctx.device, self.dp_group)
+            return evaluate(forward, micro_batches, self.ctx.device, self.dp_group, self.ctx.objective)
         finally:
             self.module.train()
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from orchestrator.config import StrategyConfig
 from orchestrator.topology import Topology
 
+# Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
+ALIGNMENT = True
+
 
 @dataclass
 class Config(StrategyConfig):

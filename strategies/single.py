@@ -7,6 +7,9 @@ from orchestrator.config import StrategyConfig
 from orchestrator.errors import ConfigError
 from orchestrator.topology import Topology
 
+# Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
+ALIGNMENT = True
+
 
 @dataclass
 class Config(StrategyConfig):

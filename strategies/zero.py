@@ -21,6 +21,9 @@ from orchestrator.config import JobConfig, OptimConfig, StrategyConfig, TrainerC
 from orchestrator.errors import ConfigError
 from orchestrator.topology import Topology
 
+# Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
+ALIGNMENT = True
+
 OFFLOAD_CHOICES = ("none", "cpu")
 
 
@@ -192,7 +195,7 @@ class ZeroEngine:
     def train_step(self, micro_batches):
         import torch
 
-        from orchestrator.models import causal_lm_loss
+        from orchestrator.alignment.losses import reduce_stats
         from strategies.base import StepResult, mean_over_group
 
         lr = self.engine.get_lr()[0]
@@ -201,8 +204,11 @@ class ZeroEngine:
         # (stage 3 creates them at its first step).
         measure = self._memory is None and bool(self.base_optimizer.state)
         peak: dict = {}
-        for x, y in micro_batches:
-            loss = causal_lm_loss(self.engine(x), y)
+        stats = []
+        objective = self.ctx.loss_of
+        for batch in micro_batches:
+            loss, extra = objective.loss(self.engine(batch[0]), batch)
+            stats.append(extra)
             self.engine.backward(loss)  # scaled by 1/accumulation steps inside
             if measure:  # the peak over the step's micro-batches: gradients are held now
                 sample = self._measure_model_states()
@@ -216,14 +222,26 @@ class ZeroEngine:
             self._memory = peak
         grad_norm = self.engine.get_global_grad_norm()
         return StepResult(loss=mean_over_group(total / len(micro_batches), None), grad_norm=float(grad_norm or 0.0),
-                          lr=lr)
+                          lr=lr, extra=reduce_stats(stats, None))
+
+    def logits(self, x):
+        """The model's logits for ``x`` in evaluation mode, without gradients (collective under
+        stage 3: every rank must call it as often)."""
+        import torch
+
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                return self.engine(x).float()
+        finally:
+            self.engine.train()
 
     def eval_step(self, micro_batches) -> dict:
         from strategies.base import evaluate
 
         self.engine.eval()
         try:
-            return evaluate(self.engine, micro_batches, self.ctx.device, None)
+            return evaluate(self.engine, micro_batches, self.ctx.device, None, self.ctx.objective)
         finally:
             self.engine.train()
 
