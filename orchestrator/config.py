@@ -49,10 +49,14 @@ class DataConfig:
     # text: documents packed into blocks (pretraining). sft: one example per row, either
     # prompt_field/response_field or messages_field (a list of {role, content}), rendered
     # through the chat template, padded to seq_len + 1, loss on the response tokens only.
+    # preference: one pair per row, prompt_field with chosen_field and rejected_field (strings,
+    # or lists of messages: the prompt's turns, and the assistant's turns of each answer).
     format: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
     seq_len: int = 128
     shuffle: bool = True
     # Tokenizer and tokenized blocks are cached here, keyed by content hash (on the driver, and on
@@ -189,6 +193,49 @@ class PublishConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """GRPO's rollout pool: inference replicas on the job's Ray cluster (orchestrator.inference)."""
+
+    replicas: int = 1
+    # false: each replica takes cpus_per_replica CPUs of its own (the cluster must have them
+    # besides the ranks'); true: replicas take no CPUs of their own and share the ranks' cores
+    # (generation and training alternate within a step, so they do not compete).
+    colocate: bool = False
+    cpus_per_replica: int = 1
+    max_tokens: int = 32  # new tokens per sample at most
+    block_size: int = 16
+    kv_cache_tokens: int = 16384
+    max_batch: int = 64  # sequences one replica decodes together
+    start_timeout_s: float = 300.0
+    # Write each step's samples (tokens, log-probabilities, per rank) under the run's storage, in
+    # rollouts/; replay=LOCATION (a run directory or storage URL holding rollouts/) trains on such a
+    # recording instead of a pool: the same samples in any layout.
+    record: bool = False
+    replay: Optional[str] = None
+
+
+@dataclass
+class AlignmentConfig:
+    # none: the data's own loss (pretraining, SFT). dpo: preference pairs (data.format=preference)
+    # against a frozen reference. grpo: online, on samples the rollout pool generates (data.format=sft).
+    method: str = "none"  # none | dpo | grpo
+    beta: float = 0.1  # DPO: the strength of the implicit KL constraint
+    label_smoothing: float = 0.0  # DPO: the assumed fraction of flipped preference labels (cDPO)
+    # DPO: weight of the chosen answers' negative log-likelihood (per token) added to the loss
+    # (RPO, Pang et al. 2024); 0: plain DPO.
+    sft_weight: float = 0.0
+    # GRPO: trainer.global_batch_size counts samples, group_size of them per prompt.
+    group_size: int = 8
+    temperature: float = 1.0
+    # module:function, or a built-in: exact_match, format. Called as fn(prompts, completions,
+    # references) -> one number per completion.
+    reward: str = "exact_match"
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0  # > 0: a KL penalty to the reference (model.init_from), per token
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -200,6 +247,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     inference: PublishConfig = field(default_factory=PublishConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     seed: int = 0
     # auto: bf16 on CUDA, fp32 on CPU.
     precision: str = "auto"  # auto | fp32 | bf16
@@ -212,7 +260,8 @@ CHOICES = {
     "logging.wandb.mode": ("offline", "online", "disabled"),
     "optim.schedule": ("cosine", "constant"),
     "optim.name": ("adamw",),
-    "data.format": ("text", "sft"),
+    "data.format": ("text", "sft", "preference"),
+    "alignment.method": ("none", "dpo", "grpo"),
 }
 
 
@@ -348,6 +397,9 @@ def validate(job: JobConfig) -> None:
             f"{t.global_batch_size} is not divisible by trainer.micro_batch_size * data-parallel size "
             f"= {t.micro_batch_size} * {topo.dp} = {per_step}",
         )
+    from orchestrator.alignment.checks import validate_alignment
+
+    validate_alignment(job, topo.dp)
 
 
 def check_location(key: str, location: str) -> None:

@@ -152,6 +152,8 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None)
     given = _files_digest([Path(tokenizer_path)]) if tokenizer_path else None
     fields = [cfg.format, cfg.text_field] + ([cfg.prompt_field, cfg.response_field, cfg.messages_field, cfg.seq_len]
                                              if cfg.format == "sft" else [])
+    if cfg.format == "preference":
+        fields += [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.seq_len]
     key = hashlib.sha256(
         json.dumps([FORMAT_VERSION, _files_digest(paths), vocab_size, fields, given]).encode()
     ).hexdigest()[:24]
@@ -160,7 +162,9 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None)
     meta_path = out / META
     if not meta_path.exists():
         cache_root.mkdir(parents=True, exist_ok=True)
-        build = sft.build if cfg.format == "sft" else _build_text
+        from orchestrator.alignment.data import build_preference
+
+        build = {"sft": sft.build, "preference": build_preference}.get(cfg.format, _build_text)
         arrays, tok, extra = build(paths, cfg, vocab_size, tokenizer_path, cache_root)
         dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,9 +244,11 @@ def localize(data: PreparedData, cache_dir: str) -> PreparedData:
 def open_blocks(data: PreparedData, seq_len: int, val_fraction: float):
     """The training examples of prepared data: packed text blocks, or SFT examples."""
     if data.mask_path:
+        from orchestrator.alignment.data import Pairs
         from orchestrator.sft import Examples
 
-        return Examples(data.tokens_path, data.mask_path, val_fraction)
+        paired = np.load(data.tokens_path, mmap_mode="r").ndim == 3  # (pairs, 2, seq_len + 1)
+        return (Pairs if paired else Examples)(data.tokens_path, data.mask_path, val_fraction)
     return TokenBlocks(data.tokens_path, seq_len, val_fraction)
 
 

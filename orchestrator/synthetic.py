@@ -30,3 +30,32 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def reversal_score(prompts, completions, references) -> list[float]:
+    """A GRPO reward for the reversal task with partial credit: the fraction of the answer's
+    characters in their right place, over the longer of answer and completion (1.0 exactly when
+    the completion is the answer). Denser than exact match, so that a weak model's samples
+    differ in reward long before any of them is right."""
+    out = []
+    for c, r in zip(completions, references):
+        c, r = c.strip(), r.strip()
+        longest = max(len(c), len(r), 1)
+        out.append(sum(a == b for a, b in zip(c, r)) / longest)
+    return out
+
+
+def reverse_pairs(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[dict]:
+    """n preference rows for the reversal task: the prompt, the right answer as ``chosen``, and as
+    ``rejected`` a wrong one: the same letters in another order (half of the time the word as
+    given, the commonest mistake)."""
+    rng = random.Random(seed + 1)
+    rows = []
+    for row in reverse_words(n, seed, min_len, max_len):
+        letters = row["response"].split("-")
+        given = list(reversed(letters))
+        wrong = given if rng.random() < 0.5 else letters[:]
+        while wrong == letters:
+            rng.shuffle(wrong)
+        rows.append({"prompt": row["prompt"], "chosen": row["response"], "rejected": "-".join(wrong)})
+    return rows
