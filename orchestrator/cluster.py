@@ -59,10 +59,11 @@ def init_loopback(**kwargs) -> None:
 
 
 @contextlib.contextmanager
-def connect(cfg: ClusterConfig):
+def connect(cfg: ClusterConfig, extra_cpus: int = 0):
     """Yields with Ray initialized; shuts down only a cluster this call started.
 
-    An already-initialized Ray (a test session's shared cluster, a Ray job) is reused.
+    An already-initialized Ray (a test session's shared cluster, a Ray job) is reused. An embedded
+    cluster advertises ``extra_cpus`` besides the ranks' (a GRPO job's rollout replicas).
     """
     import ray
 
@@ -72,7 +73,7 @@ def connect(cfg: ClusterConfig):
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True)
     else:
-        num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker)
+        num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker + extra_cpus)
         init_loopback(  # always a new cluster, even where `ray start` left one on this machine
             num_cpus=num_cpus,
             include_dashboard=cfg.include_dashboard,

@@ -1,6 +1,7 @@
 """One job, end to end: connect to Ray, run the controller, return the summary."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from orchestrator.clock import process_start_time
@@ -35,6 +36,23 @@ def prepare_data(job: JobConfig, places: RunPlaces) -> PreparedData:
     return publish(data, store) if store is not None else data
 
 
+@contextlib.contextmanager
+def connected(job: JobConfig, run_id):
+    """Ray connected and, for a GRPO job (unless it replays recorded rollouts), its rollout pool
+    started from model.init_from; the pool goes down with the job. ``run_id()`` names the pool."""
+    from orchestrator.alignment import rollout
+
+    with connect(job.cluster, extra_cpus=rollout.cpus_needed(job)):
+        pool = None
+        if job.alignment.method == "grpo" and not job.alignment.rollout.replay:
+            pool = rollout.start_pool(job, run_id())
+        try:
+            yield
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+
 def run_job(job: JobConfig, command_start: float | None = None, sinks: list[Sink] | None = None) -> dict:
     """Runs ``job`` on the embedded cluster (or cluster.address) and returns its summary."""
     device = functools.cache(lambda: device_type(job.cluster))  # asked once Ray is connected
@@ -45,7 +63,7 @@ def run_job(job: JobConfig, command_start: float | None = None, sinks: list[Sink
         prepare_data=lambda: prepare_data(job, places),
         sinks=default_sinks(job, places) if sinks is None else sinks,
         command_start=process_start_time() if command_start is None else command_start,
-        connect=lambda: connect(job.cluster),
+        connect=lambda: connected(job, lambda: controller.run_id),
         places=places,
     )
     return controller.run()

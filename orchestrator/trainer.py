@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Generator
 
+import numpy as np
 import torch
 
 import strategies
@@ -66,28 +67,101 @@ class Trainer:
         with torch.device("meta"):
             model = Llama(model_args(job))
         self.n_params = num_params(model)
+        from orchestrator.alignment.losses import objective_of
+
         ctx = EngineContext(
             topology=self.topology, rank=rank, device=device,
             precision=resolve_precision(job.precision, device), optim=job.optim,
             trainer=job.trainer, seed=job.seed, lora=job.finetune.lora if job.finetune.lora.rank else None,
+            objective=objective_of(job.alignment),
         )
         self.engine = strategy.build_engine(job.strategy, model, ctx)
         trained = self.engine.generation_model()
         self.n_trainable = (sum(p.numel() for p in trained.parameters() if p.requires_grad) if trained is not None
                             else self.n_params)
         self.blocks = open_blocks(data, job.data.seq_len, job.data.val_fraction)
-        self.sampler = BlockSampler(
-            self.blocks.n_train, job.trainer.global_batch_size, job.trainer.micro_batch_size,
-            dp_rank=self.topology.dp_rank(rank), dp_size=self.topology.dp, seed=job.seed, shuffle=job.data.shuffle,
-        )
+        dp, dp_rank = self.topology.dp, self.topology.dp_rank(rank)
+        self.grpo = None
+        if job.alignment.method == "grpo":  # the sampler draws prompts: global_batch_size / group_size per step
+            from orchestrator.alignment.grpo import GRPOStep
+
+            prompts = job.trainer.global_batch_size // job.alignment.group_size
+            self.sampler = BlockSampler(self.blocks.n_train, prompts, prompts // dp, dp_rank=dp_rank, dp_size=dp,
+                                        seed=job.seed, shuffle=job.data.shuffle)
+            self.grpo = GRPOStep(job, run_id, self.blocks, data.tokenizer_path, data.eos_id, self.sampler, dp_rank,
+                                 dp, device, places.storage)
+        else:
+            self.sampler = BlockSampler(
+                self.blocks.n_train, job.trainer.global_batch_size, job.trainer.micro_batch_size,
+                dp_rank=dp_rank, dp_size=dp, seed=job.seed, shuffle=job.data.shuffle,
+            )
+        self._kl_model = None  # GRPO's frozen reference for the KL penalty
         self.step = 0
         self._weights: dict = {}
         self.checkpointer = checkpoint.Checkpointer(places, rank, job.trainer.checkpoint_async,
                                                     job.trainer.keep_checkpoints, run_id)
         if resume_from:
             self._restore(resume_from)
-        elif job.model.init_from:
-            self._init_from(job.model.init_from)
+        else:
+            if job.model.init_from:
+                self._init_from(job.model.init_from)
+            if job.alignment.method == "dpo":
+                self._reference_logps()
+        if self.grpo is not None and job.alignment.kl_coef > 0:
+            self._kl_model = self._frozen_reference()
+
+    def _frozen_reference(self):
+        """GRPO's reference for the KL penalty: the starting weights, frozen, whole on every rank;
+        returns fn(inputs, targets) -> the reference's log-probabilities of the targets."""
+        from orchestrator.alignment.losses import token_logps
+
+        with torch.device("meta"):
+            model = Llama(model_args(self.job))
+        model = model.to_empty(device=self.device)
+        model.init_buffers()
+        weights = dict(self._pretrained_weights())
+        if self.job.model.tie_embeddings:
+            weights.setdefault("output.weight", weights["tok_embeddings.weight"])
+        model.load_state_dict(weights)
+        model.eval().requires_grad_(False)
+
+        @torch.no_grad()
+        def logps(x, y):
+            return token_logps(model(x.to(self.device)), y.to(self.device))[0].cpu()
+
+        return logps
+
+    def _reference_logps(self) -> None:
+        """DPO's reference: the summed response log-probabilities of every pair's two answers under
+        the starting weights (the frozen reference), computed once before the first update, each
+        data-parallel rank a share of the rows, then gathered. A checkpoint keeps them: a resumed
+        job needs no second copy of the model (nor, with LoRA, adapters switched off)."""
+        from orchestrator.alignment.losses import token_logps
+
+        blocks, mb = self.blocks, self.job.trainer.micro_batch_size
+        n, dp = blocks.n_total, self.topology.dp
+        per = -(-n // dp)
+        per = -(-per // mb) * mb  # every rank runs the same number of forwards (zero3's are collective)
+        start = self.topology.dp_rank(self.rank) * per
+        rows = np.minimum(np.arange(start, start + per), n - 1)
+        parts = []
+        for i in range(0, per, mb):
+            x, y = blocks.rows(rows[i:i + mb])
+            logps = token_logps(self.engine.logits(x.to(self.device)), y.to(self.device))[0].sum(-1).cpu()
+            parts.append(torch.stack([logps[:mb], logps[mb:]], dim=1))
+        local = torch.cat(parts).float()
+        if torch.distributed.is_initialized() and dp > 1:
+            gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, local)
+            local = torch.cat(gathered)
+        blocks.reference.copy_(local[:n])
+
+    def _state(self) -> dict:
+        """What a checkpoint holds: the engine's state, and DPO's reference log-probabilities."""
+        state = self.engine.checkpoint_state()
+        if self.job.alignment.method == "dpo":
+            state["alignment.reference_logps"] = self.blocks.reference
+        return state
 
     def _pretrained_weights(self) -> dict:
         from orchestrator import pretrained
@@ -105,24 +179,20 @@ class Trainer:
         if self.job.finetune.lora.rank:  # the checkpoint holds the adapters; the base is model.init_from
             self.engine.load_weights(self._pretrained_weights())
         self.engine.prepare_load()
-        checkpoint.load(ckpt, self.engine.checkpoint_state())
+        checkpoint.load(ckpt, self._state())
         self.engine.finish_load({"optimizer_step": state.optimizer_step, "scheduler": state.scheduler})
         self.sampler.load_state_dict(state.sampler)
         checkpoint.load_rng(ckpt, self.rank)
         self.step = state.step
 
     def _batches(self, block_ids) -> list:
-        out = []
-        for ids in block_ids:
-            x, y = self.blocks.batch(ids)
-            out.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
-        return out
+        return [tuple(t.to(self.device, non_blocking=True) for t in self.blocks.batch(ids)) for ids in block_ids]
 
     def save(self) -> None:
         """Collective: every rank hands its part of the state to the checkpointer, which writes it
         in the background (trainer.checkpoint_async) or now."""
         counters = self.engine.counters()
-        self.checkpointer.save(self.step, self.engine.checkpoint_state(), checkpoint.TrainerState(
+        self.checkpointer.save(self.step, self._state(), checkpoint.TrainerState(
             step=self.step, sampler=self.sampler.state_dict(), world_size=self.topology.world_size,
             strategy=self.job.strategy.name, optimizer_step=counters["optimizer_step"],
             scheduler=counters["scheduler"], run_id=self.run_id))
@@ -136,12 +206,10 @@ class Trainer:
         per_rank = (self.blocks.n_val // chunk) * t.micro_batch_size
         start = self.topology.dp_rank(self.rank) * per_rank
         ids = list(range(start, start + per_rank))
-        batches = []
-        for i in range(0, per_rank, t.micro_batch_size):
-            x, y = self.blocks.batch(ids[i : i + t.micro_batch_size], split="val")
-            batches.append((x.to(self.device), y.to(self.device)))
+        batches = [tuple(b.to(self.device) for b in self.blocks.batch(ids[i : i + t.micro_batch_size], split="val"))
+                   for i in range(0, per_rank, t.micro_batch_size)]
         result = self.engine.eval_step(batches)
-        if self.job.data.format != "sft":
+        if self.job.data.format == "text":
             result.pop("val_exact_match", None)
         return result
 
@@ -153,18 +221,29 @@ class Trainer:
         first_step = self.step + 1
         exited_early = False
         saved_at = self.step
+        if self.grpo is not None and self.step > 0 and not self.job.alignment.rollout.replay:
+            self._sync_rollout_pool()  # resumed: the pool may hold weights newer or older than these
         while self.step < t.max_steps:
             start = time.perf_counter()
-            batches = self._batches(self.sampler.next_step())
+            rollout_figures: dict = {}
+            if self.grpo is not None:
+                batches, rollout_figures = self.grpo.batches(self.step + 1, t.micro_batch_size, self._kl_model)
+            else:
+                batches = self._batches(self.sampler.next_step())
+            trained = time.perf_counter()
             result = self.engine.train_step(batches)
             self.step += 1
+            if self.grpo is not None:
+                rollout_figures["alignment.train_s"] = time.perf_counter() - trained
+                if not self.job.alignment.rollout.replay:
+                    rollout_figures["alignment.sync_s"] = self._sync_rollout_pool()
             elapsed = time.perf_counter() - start
             if self.rank == 0:
                 metrics = {
                     "step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                     "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
                     "tokens": self.step * tokens_per_step, "time": time.time(), "rss_bytes": memory.lifetime_peak_bytes(),
-                    **result.extra,
+                    **result.extra, **rollout_figures,
                 }
             if t.eval_every and self.step % t.eval_every == 0 and self.can_evaluate:
                 val = self.evaluate()
@@ -192,7 +271,19 @@ class Trainer:
                             peak_rss_bytes=memory.lifetime_peak_bytes(), memory=self.engine.memory_report(),
                             trainable_params=self.n_trainable, checkpoints=list(self.checkpointer.records))
 
-    def publish_weights(self) -> dict:
+    def _sync_rollout_pool(self) -> float:
+        """GRPO: the new weights to the rollout pool (rank 0 sends), and every rank waits for it
+        before asking for samples. A sync that fails fails the step: samples from stale weights
+        would train on the wrong log-probabilities. Returns its seconds."""
+        start = time.perf_counter()
+        timing = self.publish_weights(self.grpo.pool)
+        if self.rank == 0 and timing.get("inference.sync_failed"):
+            raise RuntimeError(f"the weight sync to the rollout pool {self.grpo.pool} failed at step {self.step}")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return time.perf_counter() - start
+
+    def publish_weights(self, pool: str | None = None) -> dict:
         """Full weights to the inference pool (collective: the state is gathered on rank 0).
         Rank 0 times the send against a plain in-memory copy of the same tensors. A publish that
         fails (no such pool, mismatched weights, a replica that did not take them) is logged and
@@ -211,7 +302,7 @@ class Trainer:
         start = time.perf_counter()
         replicas, failed = 0, 0
         if self._publisher is None:
-            self._publisher = DirectPublisher(self.job.inference.pool)
+            self._publisher = DirectPublisher(pool or self.job.inference.pool)
         try:
             result = self._publisher.publish(weights)
             replicas, failed = result.replicas, len(result.failed)

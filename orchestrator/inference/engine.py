@@ -419,6 +419,8 @@ class GenerationEngine:
                 event = self._append(seq, token)
                 if r.logprobs is not None:
                     event.logprobs = [self._logprob(logprobs[n], token, r.logprobs)] if event.token_ids else []
+                    if token == self.eos_id:
+                        event.end_logprob = float(logprobs[n][token])
                 event.prompt_logprobs = prompt_logprobs
                 events.append(event)
             except Exception as exc:

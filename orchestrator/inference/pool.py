@@ -55,10 +55,14 @@ class Ticket:
 
 
 class Pool:
-    def __init__(self, cfg: ServeConfig, expected: dict[str, tuple[int, ...]], replica_cls=None):
+    def __init__(self, cfg: ServeConfig, expected: dict[str, tuple[int, ...]], replica_cls=None,
+                 num_cpus: float | None = None):
+        """``num_cpus``: the Ray CPUs each replica takes (default inference.cpus_per_replica, which
+        is also its torch threads); 0 shares the cores of whatever else runs there."""
         from orchestrator.inference.replica import Replica
 
         self.cfg = cfg
+        self.num_cpus = cfg.inference.cpus_per_replica if num_cpus is None else num_cpus
         self.options = engine_options(cfg)
         # "control": cancellations, on a loop of their own (replica.Replica.cancel).
         self.actor_cls = ray.remote(concurrency_groups={"control": 16})(replica_cls or Replica)
@@ -74,7 +78,7 @@ class Pool:
         i = self.cfg.inference
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.spawned += 1
-        handle = self.actor_cls.options(num_cpus=i.cpus_per_replica, num_gpus=gpus, max_concurrency=1000,
+        handle = self.actor_cls.options(num_cpus=self.num_cpus, num_gpus=gpus, max_concurrency=1000,
                                         name=f"{i.name}/replica-{index}.{self.spawned}", namespace=NAMESPACE,
                                         ).remote(self.cfg.checkpoint, self.options, self.store)
         self.store.set_replica.remote(index, handle)

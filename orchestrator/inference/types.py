@@ -75,6 +75,9 @@ class Event:
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids
     prompt_logprobs: list[TokenLogprob] | None = None  # with echo, in the request's first event
     error: str | None = None
+    # With logprobs: the log-probability of the end-of-sequence token that ended the request
+    # (token_ids leave that token out); what a trainer scoring the whole completion needs.
+    end_logprob: float | None = None
 
     def merge(self, later: "Event") -> "Event":
         """This event followed by a later one of the same request, as one."""
@@ -82,7 +85,8 @@ class Event:
                      later.prompt_tokens, later.completion_tokens,
                      None if self.logprobs is None and later.logprobs is None
                      else (self.logprobs or []) + (later.logprobs or []),
-                     self.prompt_logprobs or later.prompt_logprobs, later.error or self.error)
+                     self.prompt_logprobs or later.prompt_logprobs, later.error or self.error,
+                     later.end_logprob if later.end_logprob is not None else self.end_logprob)
 
 
 @dataclass(frozen=True)

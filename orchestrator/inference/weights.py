@@ -102,6 +102,10 @@ class WeightStore:
     def set_replica(self, index: int, handle) -> None:
         self.replicas[index] = handle
 
+    def replica_handles(self) -> list:
+        """The live replicas' handles, by index: what a training rank sends rollout requests to."""
+        return [self.replicas[i] for i in sorted(self.replicas)]
+
     def latest(self) -> tuple[int, list, list]:
         """(version, [ref of the weights] or [], replicas that hold them): what a replacement
         loads; (0, [], []) before the first publish."""
