@@ -132,6 +132,28 @@ def reference(ray_cluster, tmp_path_factory, data_cache) -> dict:
     return summary
 
 
+QUIET = ("logging.wandb.mode=disabled", "logging.progress=false", "trainer.sample_tokens=0")
+SINGLE = ("model=tiny", "strategy=single", "cluster.num_workers=1", "precision=fp32")
+
+
+@pytest.fixture(scope="session")
+def reverse_task(ray_cluster, tmp_path_factory, data_cache) -> tuple[Path, Path]:
+    """(a tiny model pretrained on the sample corpus, 2,000 rows of the reversal task with words of
+    3-4 letters): the finetuning and alignment tasks start from these."""
+    from orchestrator.config import compose
+    from orchestrator.job import run_job
+    from orchestrator.synthetic import reverse_words, write_jsonl
+
+    base = tmp_path_factory.mktemp("task-base")
+    summary = run_job(compose(["+experiment=pretrain", *SINGLE, *QUIET, f"run.dir={base}", f"data.cache_dir={data_cache}",
+                               "trainer.max_steps=300", "trainer.checkpoint_every=0", "trainer.eval_every=0",
+                               "optim.lr=3e-3"]))
+    assert summary["status"] == "succeeded", summary["error"]
+    rows = write_jsonl(reverse_words(2000, seed=11, min_len=3, max_len=4),
+                       tmp_path_factory.mktemp("task-data") / "reverse.jsonl")
+    return base, rows
+
+
 def assert_losses_close(got: list[float], ref: list[float], rel: float) -> None:
     assert len(got) == len(ref) == PARITY_STEPS
     for step, (a, b) in enumerate(zip(got, ref), start=1):

@@ -8,22 +8,13 @@ import pytest
 from orchestrator.config import compose
 from orchestrator.evaluation import evaluate_init
 from orchestrator.job import run_job
-from orchestrator.synthetic import reverse_words, write_jsonl
 
-QUIET = ("logging.wandb.mode=disabled", "logging.progress=false", "trainer.sample_tokens=0")
-SINGLE = ("model=tiny", "strategy=single", "cluster.num_workers=1", "precision=fp32")
+from tests.conftest import QUIET, SINGLE
 
 
 @pytest.fixture(scope="module")
-def task(ray_cluster, tmp_path_factory, data_cache):
-    base = tmp_path_factory.mktemp("task-base")
-    summary = run_job(compose(["+experiment=pretrain", *SINGLE, *QUIET, f"run.dir={base}", f"data.cache_dir={data_cache}",
-                               "trainer.max_steps=300", "trainer.checkpoint_every=0", "trainer.eval_every=0",
-                               "optim.lr=3e-3"]))
-    assert summary["status"] == "succeeded", summary["error"]
-    rows = write_jsonl(reverse_words(2000, seed=11, min_len=3, max_len=4),
-                       tmp_path_factory.mktemp("task-data") / "reverse.jsonl")
-    return base, rows
+def task(reverse_task):
+    return reverse_task
 
 
 def finetune_job(kind: str, steps: int, run_dir, data_cache, task, *extra: str):
