@@ -3,7 +3,8 @@ pretrain on the sample corpus, SFT briefly (held-out greedy exact match low but 
 from that same start:
   - GRPO with the rollout pool: group_size samples per prompt at temperature 1, rewarded by
     orchestrator.synthetic:reversal_score (partial credit per character; exact match is 1);
-  - DPO on preference pairs of the same words (chosen: the right answer; rejected: a wrong one).
+  - DPO on preference pairs of the same words (chosen: the right answer; rejected: a wrong one),
+    plain, then with RPO's likelihood term on the chosen answers (alignment.sft_weight).
 Held-out rows are words never trained on; greedy exact match is scored as the trainer scores it
 (every answer token and the closing EOS the model's greedy choice).
 
@@ -52,12 +53,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--sft-steps", type=int, default=140)
-    ap.add_argument("--grpo-steps", type=int, default=500)
+    ap.add_argument("--grpo-steps", type=int, default=600)
+    ap.add_argument("--grpo-schedule", default="cosine", help="optim.schedule: cosine (to 0.1 of the rate) or constant")
     ap.add_argument("--grpo-lr", type=float, default=1e-3)
     ap.add_argument("--grpo-batch", type=int, default=128, help="samples per step (group_size per prompt)")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--dpo-lr", type=float, default=1e-3)
+    ap.add_argument("--dpo-sft-weight", type=float, default=1.0,
+                    help="alignment.sft_weight of the second DPO run (RPO); the first is plain DPO")
     ap.add_argument("--eval-every", type=int, default=50)
     args = ap.parse_args()
     out = Path(args.out)
@@ -82,6 +86,7 @@ def main() -> None:
                 f"data.paths=[{rows}]", f"trainer.max_steps={args.grpo_steps}",
                 f"trainer.eval_every={args.eval_every}", f"trainer.global_batch_size={args.grpo_batch}",
                 f"alignment.group_size={args.group_size}", f"optim.lr={args.grpo_lr}",
+                f"optim.schedule={args.grpo_schedule}",
                 "alignment.reward=orchestrator.synthetic:reversal_score", "alignment.rollout.max_tokens=16"]
     before = evaluate_init(compose(grpo_job))["val_exact_match"]
     grpo, grpo_s = run(grpo_job)
@@ -107,27 +112,27 @@ def main() -> None:
                                       for k, v in split.items()))
     print(f"  largest |pool - trainer| log-probability of a sampled token: {g['logprob_diff_max']:.2e}")
 
-    dpo_job = ["+experiment=dpo", *TASK, cache, f"run.dir={out / 'dpo'}", f"model.init_from={start}",
-               f"data.paths=[{pairs}]", f"trainer.max_steps={args.dpo_steps}",
-               f"trainer.eval_every={args.eval_every}", f"optim.lr={args.dpo_lr}"]
-    before = evaluate_init(compose(dpo_job))
-    dpo, dpo_s = run(dpo_job)
-    result["dpo"] = {
-        "steps": args.dpo_steps, "wall_s": round(dpo_s, 1),
-        "preference_accuracy_before": before["val_preference_accuracy"],
-        "preference_accuracy_after": dpo["eval"]["val_preference_accuracy"],
-        "exact_match_before": before["val_exact_match"], "exact_match_after": dpo["eval"]["val_exact_match"],
-        "preference_accuracy_curve": curve(out / "dpo", "val_preference_accuracy"),
-        "exact_match_curve": curve(out / "dpo", "val_exact_match"),
-        "loss_first": dpo["losses"][0], "loss_last": dpo["losses"][-1],
-    }
-    d = result["dpo"]
-    print(f"DPO {args.dpo_steps} steps in {dpo_s:.0f} s: held-out preference accuracy "
-          f"{d['preference_accuracy_before']:.3f} -> {d['preference_accuracy_after']:.3f}, exact match "
-          f"{d['exact_match_before']:.3f} -> {d['exact_match_after']:.3f}; loss {d['loss_first']:.4f} -> "
-          f"{d['loss_last']:.4f}")
-    print(f"  preference accuracy curve {d['preference_accuracy_curve']}")
-    print(f"  exact match curve {d['exact_match_curve']}")
+    for name, weight in (("dpo", 0.0), ("dpo_rpo", args.dpo_sft_weight)):
+        dpo_job = ["+experiment=dpo", *TASK, cache, f"run.dir={out / name}", f"model.init_from={start}",
+                   f"data.paths=[{pairs}]", f"trainer.max_steps={args.dpo_steps}",
+                   f"trainer.eval_every={args.eval_every}", f"optim.lr={args.dpo_lr}", f"alignment.sft_weight={weight}"]
+        before = evaluate_init(compose(dpo_job))
+        dpo, dpo_s = run(dpo_job)
+        result[name] = d = {
+            "sft_weight": weight, "steps": args.dpo_steps, "wall_s": round(dpo_s, 1),
+            "preference_accuracy_before": before["val_preference_accuracy"],
+            "preference_accuracy_after": dpo["eval"]["val_preference_accuracy"],
+            "exact_match_before": before["val_exact_match"], "exact_match_after": dpo["eval"]["val_exact_match"],
+            "preference_accuracy_curve": curve(out / name, "val_preference_accuracy"),
+            "exact_match_curve": curve(out / name, "val_exact_match"),
+            "loss_first": dpo["losses"][0], "loss_last": dpo["losses"][-1],
+        }
+        print(f"DPO (alignment.sft_weight={weight}) {args.dpo_steps} steps in {dpo_s:.0f} s: held-out preference "
+              f"accuracy {d['preference_accuracy_before']:.3f} -> {d['preference_accuracy_after']:.3f}, exact match "
+              f"{d['exact_match_before']:.3f} -> {d['exact_match_after']:.3f}; loss {d['loss_first']:.4f} -> "
+              f"{d['loss_last']:.4f}")
+        print(f"  preference accuracy curve {d['preference_accuracy_curve']}")
+        print(f"  exact match curve {d['exact_match_curve']}")
     print(json.dumps(result))
     ray.shutdown()
 

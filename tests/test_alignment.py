@@ -100,6 +100,33 @@ def test_dpo_matches_single(strategy, sft_start, pairs, tmp_path_factory, data_c
 _dpo_runs: dict = {}
 
 
+def test_dpo_resumes_with_its_reference_and_runs_with_lora(sft_start, pairs, tmp_path, data_cache):
+    """A DPO run stopped at step 5 and resumed matches the run without a stop: the reference's
+    log-probabilities come back from the checkpoint (the policy has moved by then). With LoRA the
+    starting policy is the base (adapters start at zero), so the first loss is log 2 as well."""
+    ref = _dpo_runs.get("dpo-single")
+    if ref is None:
+        run_dir = tmp_path / "full"
+        ref = (run_dir, run_job(dpo_job(run_dir, data_cache, sft_start, pairs, "single", 1, *PARITY_DPO)))
+        assert ref[1]["status"] == "succeeded", ref[1]["error"]
+    stopped = dpo_job(tmp_path / "stopped", data_cache, sft_start, pairs, "zero2", 2, *PARITY_DPO,
+                      "trainer.exit_at_step=5")
+    first = run_job(stopped)
+    assert first["status"] == "succeeded" and first["exited_early"], first["error"]
+    resumed = run_job(dpo_job(tmp_path / "stopped", data_cache, sft_start, pairs, "zero2", 2, *PARITY_DPO,
+                              "run.resume=true"))
+    assert resumed["status"] == "succeeded", resumed["error"]
+    assert resumed["start_step_per_attempt"] == [5]
+    for step, (a, b) in enumerate(zip(resumed["losses"], ref[1]["losses"]), start=1):
+        assert abs(a - b) <= PARITY_TOL * abs(b), f"step {step}: {a!r} vs uninterrupted {b!r}"
+
+    lora = run_job(dpo_job(tmp_path / "lora", data_cache, sft_start, pairs, "ddp", 2, *PARITY_DPO,
+                           "finetune.lora.rank=4", "optim.lr=5e-3"))
+    assert lora["status"] == "succeeded", lora["error"]
+    assert lora["n_trainable_params"] < 0.2 * lora["n_params"]
+    assert abs(lora["losses"][0] - 0.6931472) < 1e-5 and lora["losses"][-1] < lora["losses"][0]
+
+
 def test_dpo_raises_preference_accuracy_and_exact_match(sft_start, pairs, tmp_path, data_cache):
     # With RPO's likelihood term on the chosen answers: plain DPO lowers the likelihood of both
     # answers, and with it greedy exact match (benchmarks/alignment.py shows both).
