@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--sft-steps", type=int, default=140)
-    ap.add_argument("--grpo-steps", type=int, default=600)
+    ap.add_argument("--grpo-steps", type=int, default=1200)
     ap.add_argument("--grpo-schedule", default="cosine", help="optim.schedule: cosine (to 0.1 of the rate) or constant")
     ap.add_argument("--grpo-lr", type=float, default=1e-3)
     ap.add_argument("--grpo-batch", type=int, default=128, help="samples per step (group_size per prompt)")

@@ -270,3 +270,32 @@ def test_bad_alignment_input_names_the_key(sft_start, reverse_task, pairs, tmp_p
 
 def bad_reward(prompts, completions, references):
     return [1.0]  # one value whatever the number of completions
+
+
+def test_preference_rows_as_chat_messages(sft_start, tmp_path, data_cache):
+    """Messages rows render like string rows: the prompt's turns, then each answer's assistant
+    turn; only the answers (and the closing EOS) are trained."""
+    from tokenizers import Tokenizer
+
+    from orchestrator.data import open_blocks, prepare
+
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse:\na-b-c"}],
+             "chosen": [{"role": "assistant", "content": "c-b-a"}],
+             "rejected": [{"role": "assistant", "content": "a-b-c"}]},
+            {"prompt": "Reverse:\nd-e", "chosen": "e-d", "rejected": "d-e"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = dpo_job(tmp_path / "run", data_cache, sft_start, path, "single", 1, "trainer.global_batch_size=2",
+                  "trainer.micro_batch_size=1", "data.val_fraction=0", "data.seq_len=96")
+    tok = Tokenizer.from_file(str(sft_start / "tokenizer.json"))
+    pairs_data = open_blocks(prepare(job.data, job.model.vocab_size, str(sft_start / "tokenizer.json")), 96, 0.0)
+    x, y, ref = pairs_data.batch([0, 1])
+    assert x.shape == (4, 96) and ref.shape == (4,)
+    eos = tok.token_to_id("<|endoftext|>")
+    text = [tok.decode([t for t in row.tolist() if t != eos]) for row in x]
+    assert text[0] == "<|system|>\nBe brief.\n<|user|>\nReverse:\na-b-c\n<|assistant|>\nc-b-a\n"
+    assert text[2] == "<|system|>\nBe brief.\n<|user|>\nReverse:\na-b-c\n<|assistant|>\na-b-c\n"
+    assert text[1] == "<|user|>\nReverse:\nd-e\n<|assistant|>\ne-d\n"
+    trained = [tok.decode([t for t in row.tolist() if t not in (eos, -100)]) for row in y]
+    assert trained == ["c-b-a\n", "e-d\n", "a-b-c\n", "d-e\n"]
+    assert [int((row == eos).sum()) for row in y] == [1, 1, 1, 1]  # each answer's closing EOS is trained
