@@ -1,7 +1,8 @@
 """Train a model: python -m launch.train [hydra overrides]
 
 Exit codes: 0 succeeded, 1 the job failed, 2 bad configuration (no worker started),
-130 interrupted.
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM (launch.stop, Ray Jobs). Both signals tear the
+job down and end it "stopped" in summary.json and status.json.
 """
 from __future__ import annotations
 
@@ -29,21 +30,23 @@ _entered = False
 TEARDOWN_GRACE_S = 60.0
 
 
-def _leave_after_grace() -> None:
+def _leave_after_grace(code: int) -> None:
     time.sleep(TEARDOWN_GRACE_S)
     print(f"\nteardown still running {TEARDOWN_GRACE_S:g}s after the interrupt; leaving. It was here:",
           file=sys.stderr, flush=True)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    os._exit(130)
+    os._exit(code)
 
 
 def _on_interrupt(signum, frame) -> None:
+    from orchestrator.errors import Stopped
+
     if getattr(_on_interrupt, "at", None) is not None:
         print("\nsecond interrupt: leaving without waiting for teardown", file=sys.stderr, flush=True)
-        os._exit(130)
+        os._exit(128 + signum)
     _on_interrupt.at = time.time()
-    threading.Thread(target=_leave_after_grace, name="teardown-deadline", daemon=True).start()
-    raise KeyboardInterrupt
+    threading.Thread(target=_leave_after_grace, args=(128 + signum,), name="teardown-deadline", daemon=True).start()
+    raise Stopped(signal.Signals(signum).name)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
@@ -67,9 +70,12 @@ def _train(cfg: DictConfig) -> None:
     except ConfigError as exc:  # found once the cluster is known (e.g. cluster.device=cuda without GPUs)
         print(f"Error in configuration: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: workers stopped, cluster shut down", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        from orchestrator.errors import stop_signal
+
+        name = stop_signal(exc)
+        print(f"\nstopped by {name}: workers stopped, cluster shut down; summary.json says stopped", file=sys.stderr)
+        sys.exit(128 + getattr(signal, name, signal.SIGINT))
     print_summary(summary, job.run.dir)
     if summary["status"] != "succeeded":
         sys.exit(1)
@@ -78,6 +84,7 @@ def _train(cfg: DictConfig) -> None:
 def main() -> None:
     register_schemas()
     signal.signal(signal.SIGINT, _on_interrupt)
+    signal.signal(signal.SIGTERM, _on_interrupt)  # launch.stop and Ray Jobs stop a job this way
     try:
         _train()
     except SystemExit as exc:

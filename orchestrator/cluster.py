@@ -70,6 +70,33 @@ def connect(cfg: ClusterConfig, extra_cpus: int = 0):
     if ray.is_initialized():
         yield
         return
+    with kept_sigterm_handler():
+        _init(cfg, extra_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def kept_sigterm_handler():
+    """Ray's core worker installs a C handler for SIGTERM that aborts the process (exit -6, no
+    teardown, no summary); the caller's Python handler (launch.train's: stop like Ctrl-C) is put
+    back after it."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(before) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(cfg: ClusterConfig, extra_cpus: int) -> None:
+    import ray
+
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True)
     else:
@@ -82,10 +109,6 @@ def connect(cfg: ClusterConfig, extra_cpus: int = 0):
             log_to_driver=True,
         )
         idle_observers()
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 # Ray's observer processes, by script or by the title the agents give themselves: they log,

@@ -1,6 +1,8 @@
 """The job controller: an explicit state machine on the driver.
 
-PENDING -> STARTING -> RUNNING -> (RESTARTING -> STARTING ->) SUCCEEDED | FAILED
+PENDING -> STARTING -> RUNNING -> (RESTARTING -> STARTING ->) SUCCEEDED | FAILED | STOPPED
+
+STOPPED: the driver was interrupted (Ctrl-C, SIGTERM) and tore the job down.
 
 It knows nothing about strategies: it starts a worker group, forwards metrics
 to the sinks, and asks the restart policy what to do when a rank fails.
@@ -22,7 +24,7 @@ from typing import Callable, ContextManager
 from orchestrator import checkpoint
 from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, stop_signal
 from orchestrator.metrics import Sink, build_summary, read_history, write_status
 from orchestrator.storage import RunPlaces, Storage, places_of, without_credentials
 from orchestrator.worker_group import WorkerFailure, WorkerGroup
@@ -35,15 +37,17 @@ class JobState(str, enum.Enum):
     RESTARTING = "restarting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    STOPPED = "stopped"
 
 
 TRANSITIONS = {
-    JobState.PENDING: {JobState.STARTING, JobState.FAILED},
-    JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.FAILED},
-    JobState.RUNNING: {JobState.SUCCEEDED, JobState.RESTARTING, JobState.FAILED},
-    JobState.RESTARTING: {JobState.STARTING, JobState.FAILED},
+    JobState.PENDING: {JobState.STARTING, JobState.FAILED, JobState.STOPPED},
+    JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.FAILED, JobState.STOPPED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.RESTARTING, JobState.FAILED, JobState.STOPPED},
+    JobState.RESTARTING: {JobState.STARTING, JobState.FAILED, JobState.STOPPED},
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),
+    JobState.STOPPED: set(),
 }
 
 
@@ -229,9 +233,13 @@ class JobController:
                     finally:
                         group.shutdown()
         except BaseException as exc:
-            error = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            stopped = isinstance(exc, KeyboardInterrupt)
+            if stopped:
+                error = f"stopped by {stop_signal(exc)}"
+            else:
+                error = f"{type(exc).__name__}: {exc}"
             if TRANSITIONS[self.state]:
-                self._to(JobState.FAILED)
+                self._to(JobState.STOPPED if stopped else JobState.FAILED)
             raise
         finally:
             pool.shutdown(wait=True)

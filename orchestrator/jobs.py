@@ -28,6 +28,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What never travels with a job: environments, run outputs, caches.
 EXCLUDES = [".venv", ".git", "runs", "outputs", "multirun", "wandb", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+STOP_GRACE_S = 60  # launch.train's own teardown deadline after a signal
 
 
 class JobsError(RuntimeError):
@@ -112,7 +113,10 @@ def submit(address: str, overrides: list[str], python: str | None = None) -> Sub
     started = time.time()
     job_id = c.submit_job(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES},
+        # launch.stop sends SIGTERM; the driver then tears the job down and writes summary.json
+        # ("stopped"). Ray's supervisor waits 3 s by default before it sends SIGKILL: not enough.
+        runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES,
+                     "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)}},
         metadata={"forgeline": "1", "name": job.run.name, "run_dir": run_dir},
         submission_id=f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{int(started * 1000) % 1000:03d}",
     )

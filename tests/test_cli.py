@@ -9,6 +9,7 @@ import time
 import warnings
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, cli
 
@@ -56,7 +57,8 @@ def test_train_command_end_to_end(tmp_path, data_cache):
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
 
 
-def test_ctrl_c_tears_everything_down(tmp_path, data_cache):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_tear_everything_down(tmp_path, data_cache, sig):
     run_dir = tmp_path / "run"
     log = tmp_path / "out.log"
     with open(log, "w") as out:  # a file, not a pipe: a pipe's end also waits on every process holding it
@@ -72,17 +74,21 @@ def test_ctrl_c_tears_everything_down(tmp_path, data_cache):
         time.sleep(0.5)
     descendants = psutil.Process(proc.pid).children(recursive=True)
     assert len(descendants) >= 3  # Ray's processes and the two workers
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # as launch.stop through Ray Jobs, a scheduler, `kill`
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("still running 120 s after Ctrl-C:\n" + log.read_text()[-5000:])
+        raise AssertionError(f"still running 120 s after {sig.name}:\n" + log.read_text()[-5000:])
     out = log.read_text()
-    assert proc.returncode == 130, out[-5000:]
+    assert proc.returncode == 128 + sig, out[-5000:]
     if "teardown still running" in out:  # the deadline's path: it left, but show where teardown was stuck
         warnings.warn("Ctrl-C teardown hit its deadline:\n" + out[-5000:])
     gone, alive = psutil.wait_procs(descendants, timeout=30)
     assert not alive, [p.info if hasattr(p, "info") else p for p in alive]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["error"] == "interrupted"
+    assert summary["status"] == "stopped" and summary["error"] == f"stopped by {sig.name}", summary
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"

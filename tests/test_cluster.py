@@ -296,7 +296,11 @@ def test_stop_ends_a_running_job(cluster, tmp_path, data_cache, s3_url):
     stop = launch("stop", sub.job_id, f"--address={cluster['address']}")
     assert stop.returncode == 0 and "stop requested" in stop.stdout
     c = jobs.client(cluster["address"])
-    assert jobs.wait(c, sub.job_id, timeout_s=60) == "STOPPED"
+    assert jobs.wait(c, sub.job_id, timeout_s=90) == "STOPPED"
+    # SIGTERM is handled like Ctrl-C: teardown, then both files say so.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["error"] == "stopped by SIGTERM", summary
+    assert jobs.read_status(str(run_dir))["state"] == "stopped"
 
 
 def test_bad_address_and_unknown_job_fail_within_seconds(cluster, tmp_path):
