@@ -101,6 +101,7 @@ class JobController:
         self.recoveries_s: list[float] = []
         # The step each attempt started from (0: from scratch; else the checkpoint's step).
         self.start_steps: list[int] = []
+        self.sample_error: str | None = None  # why the end-of-job text sample failed, if it did
 
     def mark(self, phase: str) -> None:
         self.startup.setdefault(phase, round(time.time() - self.command_start, 3))
@@ -163,6 +164,16 @@ class JobController:
             if outcomes is not None:
                 return outcomes
 
+    def _sample(self, group: WorkerGroup) -> str | None:
+        """The end-of-job text sample; training has finished and is saved, so a sample that fails
+        is reported and the job still succeeds."""
+        t = self.job.trainer
+        try:
+            return group.sample(t.sample_prompt, t.sample_tokens)
+        except WorkerFailure as exc:
+            self.sample_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return None
+
     def _start_sinks(self) -> None:
         """Sinks start once the first step is in: their start-up (wandb's takes seconds
         of CPU) must not compete with the workers' start-up. Rank 0's streamed metrics wait in Ray meanwhile."""
@@ -216,7 +227,7 @@ class JobController:
                         outcomes = self._watch(group)
                         n_params = group.n_params()
                         if job.trainer.sample_tokens:
-                            sample = group.sample(job.trainer.sample_prompt, job.trainer.sample_tokens)
+                            sample = self._sample(group)
                         self._to(JobState.SUCCEEDED)
                         break
                     except WorkerFailure as failure:
@@ -252,6 +263,8 @@ class JobController:
             summary["startup_s"] = self.startup
             summary["recoveries_s"] = self.recoveries_s
             summary["start_step_per_attempt"] = self.start_steps
+            if self.sample_error:
+                summary["sample_error"] = self.sample_error
             summary["run_id"] = self.run_id
             summary["storage"] = places.storage.root
             places.summary_file.write_text(json.dumps(summary, indent=2))

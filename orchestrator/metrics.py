@@ -38,8 +38,11 @@ def read_history(path: Path, upto_step: int) -> list[dict]:
     by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
-            rec = json.loads(line)
-            if rec.get("step", 0) <= upto_step:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short (a killed driver): that step is logged again
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto_step:
                 by_step[rec["step"]] = rec  # a later record of a step replaces an earlier one
     return [by_step[s] for s in sorted(by_step)]
 

@@ -340,6 +340,11 @@ class Trainer:
                 weights.setdefault("output.weight", weights["tok_embeddings.weight"])
             model.load_state_dict(weights)
         tok = Tokenizer.from_file(tokenizer_path)
-        ids = sample(model, tok.encode(prompt).ids, max_new_tokens, self.job.model.max_seq_len,
-                     temperature=temperature, seed=self.job.seed, stop_id=tok.token_to_id("<|endoftext|>"))
-        return prompt + tok.decode(ids)
+        eos = tok.token_to_id("<|endoftext|>")
+        # An empty prompt starts a fresh document (after the separator); a long one keeps its end
+        # (the model's context, with room for the new tokens).
+        ids = tok.encode(prompt).ids or ([eos] if eos is not None else [0])
+        ids = ids[-max(1, self.job.model.max_seq_len - max_new_tokens):]
+        new = sample(model, ids, max_new_tokens, self.job.model.max_seq_len,
+                     temperature=temperature, seed=self.job.seed, stop_id=eos)
+        return prompt + tok.decode(new)

@@ -168,3 +168,24 @@ def test_process_start_time_is_the_launch_to_the_clock_tick():
         # Not before the launch (one clock tick of rounding), and well before the child's
         # imports could finish.
         assert before - 0.02 <= started <= before + 0.2
+
+
+def test_a_failed_text_sample_does_not_fail_a_finished_job(job, monkeypatch):
+    def broken(self, prompt, n):
+        raise WorkerFailure("text sample failed: the prompt has no tokens")
+
+    monkeypatch.setattr(FakeGroup, "sample", broken)
+    ctl, summary, log, _ = run(job, [])
+    assert ctl.state == JobState.SUCCEEDED and summary["status"] == "succeeded"
+    assert summary["sample"] is None and "no tokens" in summary["sample_error"]
+    assert summary["restarts"] == 0 and ("create", 1) not in log  # no restart for a sample
+
+
+def test_history_skips_a_line_cut_short(tmp_path):
+    """A driver killed while writing metrics.jsonl leaves half a line; resuming reads the rest."""
+    from orchestrator.metrics import read_history
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_history(path, 2) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert [r["step"] for r in read_history(path, 10)] == [1, 2]
