@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from orchestrator.config import CONF_DIR, register_schemas, to_job_config
-from orchestrator.errors import ConfigError
+from orchestrator.errors import STOP_GRACE_S, ConfigError
 from orchestrator.report import print_summary
 
 _entered = False
@@ -27,7 +27,7 @@ _entered = False
 # After Ctrl-C the controller stops the workers and the cluster; should that hang
 # (a Ray call stuck on a dying process), the command still leaves after this long,
 # printing where it was stuck. A second Ctrl-C leaves at once.
-TEARDOWN_GRACE_S = 60.0
+TEARDOWN_GRACE_S = float(STOP_GRACE_S)
 
 
 def _leave_after_grace(code: int) -> None:

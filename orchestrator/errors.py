@@ -11,6 +11,11 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
+# After a stop signal the driver tears the job down; should that hang, launch.train leaves after
+# this long, and a submitted job's Ray supervisor waits as long before its SIGKILL.
+STOP_GRACE_S = 60
+
+
 class Stopped(KeyboardInterrupt):
     """The driver was told to stop (SIGINT: Ctrl-C; SIGTERM: launch.stop, Ray Jobs, a scheduler).
     Raised from the signal handler, handled like Ctrl-C: teardown, then the job ends "stopped".

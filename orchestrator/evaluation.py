@@ -29,14 +29,13 @@ def evaluate_init(job: JobConfig) -> dict:
     mb = job.trainer.micro_batch_size
     n = examples.n_val - examples.n_val % mb
     if hasattr(examples, "reference"):  # DPO: the starting weights are the reference
-        from orchestrator.alignment.losses import token_logps
+        from orchestrator.alignment.losses import pair_logps
 
         rows = np.arange(examples.n_train, examples.n_train + n)
         with torch.no_grad():
             for i in range(0, n, mb):
                 x, y = examples.rows(rows[i:i + mb])
-                logps = token_logps(model(x), y)[0].sum(-1)
-                examples.reference[rows[i:i + mb]] = torch.stack([logps[:mb], logps[mb:]], dim=1)
+                examples.reference[rows[i:i + mb]] = pair_logps(model(x), y)
     batches = [examples.batch(list(range(i, i + mb)), split="val") for i in range(0, n, mb)]
     if not batches:
         raise ValueError(f"the held-out split has {examples.n_val} rows, fewer than one micro-batch ({mb})")

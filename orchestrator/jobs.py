@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import CONF_DIR
-from orchestrator.errors import ConfigError
+from orchestrator.errors import STOP_GRACE_S, ConfigError
 from orchestrator.storage import RunPlaces
 
 ROOT = CONF_DIR.parent
@@ -28,7 +28,6 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What never travels with a job: environments, run outputs, caches.
 EXCLUDES = [".venv", ".git", "runs", "outputs", "multirun", "wandb", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-STOP_GRACE_S = 60  # launch.train's own teardown deadline after a signal
 
 
 class JobsError(RuntimeError):

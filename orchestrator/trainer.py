@@ -115,15 +115,7 @@ class Trainer:
         returns fn(inputs, targets) -> the reference's log-probabilities of the targets."""
         from orchestrator.alignment.losses import token_logps
 
-        with torch.device("meta"):
-            model = Llama(model_args(self.job))
-        model = model.to_empty(device=self.device)
-        model.init_buffers()
-        weights = dict(self._pretrained_weights())
-        if self.job.model.tie_embeddings:
-            weights.setdefault("output.weight", weights["tok_embeddings.weight"])
-        model.load_state_dict(weights)
-        model.eval().requires_grad_(False)
+        model = self._whole_model(self._pretrained_weights()).eval().requires_grad_(False)
 
         @torch.no_grad()
         def logps(x, y):
@@ -131,12 +123,24 @@ class Trainer:
 
         return logps
 
+    def _whole_model(self, weights: dict) -> Llama:
+        """A single-device model on this rank's device holding ``weights`` (whole, canonical names)."""
+        with torch.device("meta"):
+            model = Llama(model_args(self.job))
+        model = model.to_empty(device=self.device)
+        model.init_buffers()  # the rope tables are not in a state dict
+        weights = dict(weights)
+        if self.job.model.tie_embeddings:  # one parameter under two names
+            weights.setdefault("output.weight", weights["tok_embeddings.weight"])
+        model.load_state_dict(weights)
+        return model
+
     def _reference_logps(self) -> None:
         """DPO's reference: the summed response log-probabilities of every pair's two answers under
         the starting weights (the frozen reference), computed once before the first update, each
         data-parallel rank a share of the rows, then gathered. A checkpoint keeps them: a resumed
         job needs no second copy of the model (nor, with LoRA, adapters switched off)."""
-        from orchestrator.alignment.losses import token_logps
+        from orchestrator.alignment.losses import pair_logps
 
         blocks, mb = self.blocks, self.job.trainer.micro_batch_size
         n, dp = blocks.n_total, self.topology.dp
@@ -147,8 +151,7 @@ class Trainer:
         parts = []
         for i in range(0, per, mb):
             x, y = blocks.rows(rows[i:i + mb])
-            logps = token_logps(self.engine.logits(x.to(self.device)), y.to(self.device))[0].sum(-1).cpu()
-            parts.append(torch.stack([logps[:mb], logps[mb:]], dim=1))
+            parts.append(pair_logps(self.engine.logits(x.to(self.device)), y.to(self.device)).cpu())
         local = torch.cat(parts).float()
         if torch.distributed.is_initialized() and dp > 1:
             gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
@@ -221,7 +224,7 @@ class Trainer:
         first_step = self.step + 1
         exited_early = False
         saved_at = self.step
-        if self.grpo is not None and self.step > 0 and not self.job.alignment.rollout.replay:
+        if self.grpo is not None and self.grpo.live and self.step > 0:
             self._sync_rollout_pool()  # resumed: the pool may hold weights newer or older than these
         while self.step < t.max_steps:
             start = time.perf_counter()
@@ -235,7 +238,7 @@ class Trainer:
             self.step += 1
             if self.grpo is not None:
                 rollout_figures["alignment.train_s"] = time.perf_counter() - trained
-                if not self.job.alignment.rollout.replay:
+                if self.grpo.live:
                     rollout_figures["alignment.sync_s"] = self._sync_rollout_pool()
             elapsed = time.perf_counter() - start
             if self.rank == 0:
@@ -331,14 +334,7 @@ class Trainer:
 
         model = self.engine.generation_model()
         if model is None:
-            with torch.device("meta"):
-                model = Llama(model_args(self.job))
-            model = model.to_empty(device=self.device)
-            model.init_buffers()  # the rope tables are not in a state dict
-            weights = dict(self._weights)
-            if self.job.model.tie_embeddings:  # one parameter under two names
-                weights.setdefault("output.weight", weights["tok_embeddings.weight"])
-            model.load_state_dict(weights)
+            model = self._whole_model(self._weights)
         tok = Tokenizer.from_file(tokenizer_path)
         eos = tok.token_to_id("<|endoftext|>")
         # An empty prompt starts a fresh document (after the separator); a long one keeps its end

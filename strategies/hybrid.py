@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from orchestrator.config import StrategyConfig
 from strategies.layout import Layout, build_engine, check, topology  # noqa: F401  (the strategy interface)
 
+# Capability: alignment objectives (DPO, GRPO) need whole logits per micro-batch; not on this mesh.
+ALIGNMENT = False
+
 
 @dataclass
 class Config(StrategyConfig):

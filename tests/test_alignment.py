@@ -72,6 +72,7 @@ def assert_weights_close(got: dict, ref: dict, tol: float) -> None:
 
 # -- DPO ------------------------------------------------------------------------------------
 
+_dpo_runs: dict = {}  # (run directory, summary) by strategy, shared by the DPO tests
 PARITY_DPO = ("trainer.max_steps=10", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
               "trainer.eval_every=0", "optim.lr=1e-3")
 
@@ -96,8 +97,6 @@ def test_dpo_matches_single(strategy, sft_start, pairs, tmp_path_factory, data_c
     acc = ref["alignment"]["reward_accuracy_per_step"]
     assert len(acc) == 10 and acc[-1] > acc[0]
 
-
-_dpo_runs: dict = {}
 
 
 def test_dpo_resumes_with_its_reference_and_runs_with_lora(sft_start, pairs, tmp_path, data_cache):

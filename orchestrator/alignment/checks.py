@@ -15,8 +15,8 @@ def validate_alignment(job, dp: int) -> None:
             raise ConfigError("data.format", "preference pairs train with alignment.method=dpo (+experiment=dpo)")
         return
     strategy = strategies.get(job.strategy.name)
-    if not getattr(strategy, "ALIGNMENT", False):
-        able = [n for n in strategies.names() if getattr(strategies.get(n), "ALIGNMENT", False)]
+    if not strategy.ALIGNMENT:
+        able = [n for n in strategies.names() if strategies.get(n).ALIGNMENT]
         raise ConfigError("alignment.method", f"{a.method} runs with strategy {', '.join(able)}; "
                                               f"not with {job.strategy.name!r}")
     if not job.model.init_from:

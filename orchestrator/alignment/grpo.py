@@ -39,7 +39,11 @@ class GRPOStep:
 
             self.replayed = Storage.at(a.rollout.replay, dict(job.run.storage_options)).child("rollouts")
         self.pool = rollout.pool_name(run_id)
-        self.reference = None  # a frozen copy of the starting weights, for the KL penalty
+
+    @property
+    def live(self) -> bool:
+        """Samples come from the rollout pool (not a recording), which takes every new weight."""
+        return self.replayed is None
 
     def _client(self):
         if self.client is None:
@@ -70,11 +74,12 @@ class GRPOStep:
         rows = [int(r) for r in rows]
         prompts = [self.prompts.get(r) for r in rows]
         groups = self._groups(step, rows, [p[0] for p in prompts])
-        prompt_ids = [self.prompts.get(g.row)[0] for g in groups]  # the recorded rows where replaying
+        if [g.row for g in groups] != rows:  # replayed: the recorded rows
+            prompts = [self.prompts.get(g.row) for g in groups]
+        prompt_ids = [p[0] for p in prompts]
         t1 = time.perf_counter()
         texts, completions, refs = [], [], []
-        for g in groups:
-            _, text, ref = self.prompts.get(g.row)
+        for g, (_, text, ref) in zip(groups, prompts):
             for s in g.samples:
                 texts.append(text)
                 completions.append(s.text)

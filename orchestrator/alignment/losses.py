@@ -24,6 +24,14 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return picked * mask, mask
 
 
+def pair_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rows of B chosen answers then B rejected ones -> (B, 2): each answer's summed
+    log-probability over its trained tokens (what DPO's reference holds)."""
+    seq = token_logps(logits, targets)[0].sum(-1)
+    half = seq.shape[0] // 2
+    return torch.stack([seq[:half], seq[half:]], dim=1)
+
+
 def greedy_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per row, whether the greedy choice at every trained position is the target (greedy
     decoding then reproduces the reference answer): (B,) float."""

@@ -52,11 +52,12 @@ def start_pool(job, run_id: str):
     """Starts the rollout pool (after checking that the cluster can place it) and waits until
     every replica is ready. ConfigError naming the key where it cannot be placed."""
     import ray
+    import torch
 
+    from orchestrator import pretrained
     from orchestrator.inference.pool import Pool
     from orchestrator.inference.replica import model_shape
     from orchestrator.inference.weights import expected_shapes
-    from orchestrator import pretrained
     from orchestrator.models import Llama, LlamaArgs
 
     r = job.alignment.rollout
@@ -69,8 +70,6 @@ def start_pool(job, run_id: str):
                           f"{job.cluster.cpus_per_worker} need {need + ranks} CPUs; the cluster has {have:g}. "
                           "Lower the replicas, set alignment.rollout.colocate=true, or add CPUs")
     cfg = serve_config(job, run_id)
-    import torch
-
     with torch.device("meta"):
         expected = expected_shapes(Llama(LlamaArgs(**model_shape(pretrained.locate(job.model.init_from)))))
     pool = Pool(cfg, expected, num_cpus=0 if r.colocate else None)
