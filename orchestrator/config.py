@@ -45,6 +45,9 @@ class DataConfig:
     name: str = MISSING
     # Local files only: .txt (whole file is one document), .jsonl/.json, .parquet.
     paths: list[str] = MISSING
+    # format=prepared: the output of launch.prepare (a folder or storage URL), whose tokenized
+    # shards and tokenizer are read as they are (data.paths is not used).
+    path: Optional[str] = None
     text_field: str = "text"
     # text: documents packed into blocks (pretraining). sft: one example per row, either
     # prompt_field/response_field or messages_field (a list of {role, content}), rendered
@@ -260,7 +263,7 @@ CHOICES = {
     "logging.wandb.mode": ("offline", "online", "disabled"),
     "optim.schedule": ("cosine", "constant"),
     "optim.name": ("adamw",),
-    "data.format": ("text", "sft", "preference"),
+    "data.format": ("text", "sft", "preference", "prepared"),
     "alignment.method": ("none", "dpo", "grpo"),
 }
 
@@ -352,9 +355,13 @@ def validate(job: JobConfig) -> None:
             check_location(key, location)
 
     d = job.data
-    if not d.paths:
+    if d.format == "prepared":
+        from orchestrator.data import check_prepared
+
+        check_prepared(d, job.run.storage_options, m)
+    elif not d.paths:
         raise ConfigError("data.paths", "at least one file is needed")
-    for p in d.paths:
+    for p in d.paths if d.format != "prepared" else []:
         if not Path(os.path.expanduser(p)).is_file():
             raise ConfigError("data.paths", f"no such file: {p}")
     if d.seq_len < 2 or d.seq_len > m.max_seq_len:

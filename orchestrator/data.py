@@ -13,6 +13,7 @@ integer (global samples consumed) that a checkpoint saves and restores.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -142,11 +143,90 @@ def _build_text(paths: list[Path], cfg: DataConfig, vocab_size: int, tokenizer_p
     return {"tokens": np.concatenate(pieces)}, tok, {}
 
 
-def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None) -> PreparedData:
+PREPARED_MANIFEST = "shards/manifest.json"  # launch.prepare's list of shards; complete when its last says so
+
+
+def _prepared_source(cfg: DataConfig, storage_options: dict | None) -> tuple[Storage, dict]:
+    src = Storage.at(cfg.path, storage_options)
+    manifest = json.loads(src.read_text(PREPARED_MANIFEST))
+    return src, manifest
+
+
+def check_prepared(cfg: DataConfig, storage_options: dict | None, model) -> None:
+    """data.path holds a complete preparation whose tokenizer fits the model (ConfigError if not)."""
+    from orchestrator.config import check_location
+
+    if not cfg.path:
+        raise ConfigError("data.path", "data.format=prepared reads launch.prepare's output: set data.path")
+    check_location("data.path", cfg.path)
+    try:
+        src, manifest = _prepared_source(cfg, storage_options)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("data.path", f"{cfg.path}: no complete preparation there ({type(exc).__name__}: {exc}); "
+                                       f"run launch.prepare with prepare.output={cfg.path}") from None
+    shards = manifest.get("shards") or []
+    if not shards or not shards[-1].get("last"):
+        raise ConfigError("data.path", f"{cfg.path}: the preparation is not finished ({len(shards)} shards so far); "
+                                       f"rerun its launch.prepare command to complete it")
+    if manifest.get("vocab_size", 0) > model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{model.vocab_size} is smaller than the prepared tokenizer's "
+                                              f"{manifest['vocab_size']} entries ({cfg.path})")
+    if model.init_from:
+        from orchestrator import pretrained
+
+        own = Path(pretrained.locate(model.init_from).tokenizer_path).read_bytes()
+        if hashlib.sha256(own).hexdigest() != manifest.get("tokenizer_sha256"):
+            raise ConfigError("data.path", f"{cfg.path} was tokenized with another tokenizer than model.init_from's; "
+                                           f"prepare it with prepare.tokenize.tokenizer=<that tokenizer.json>")
+
+
+def _build_prepared(cfg: DataConfig, storage_options: dict | None, out: Path) -> None:
+    """launch.prepare's shards, checked against their hashes and joined in order into one token
+    stream, with its tokenizer, written to ``out``."""
+    src, manifest = _prepared_source(cfg, storage_options)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent))
+    try:
+        pieces = []
+        for shard in manifest["shards"]:
+            data = src.read_bytes("shards", shard["name"])
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise OSError(f"{src.url('shards', shard['name'])}: content does not match its manifest")
+            pieces.append(np.load(io.BytesIO(data), allow_pickle=False))
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
+        np.save(tmp / "tokens.npy", tokens)
+        (tmp / "tokenizer.json").write_bytes(src.read_bytes("tokenizer.json"))
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+        meta = {"n_tokens": int(tokens.size), "eos_id": tok.token_to_id(EOS), "vocab_size": tok.get_vocab_size(),
+                "files": [cfg.path]}
+        (tmp / META).write_text(json.dumps(meta))
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / META).exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None,
+            storage_options: dict | None = None) -> PreparedData:
     """Tokenizer + token arrays for the files in ``cfg``, from cache when possible. The tokenizer
     is trained here unless ``tokenizer_path`` names one (a pretrained model's). data.format=text
-    gives one token stream; sft gives padded examples with a mask of the trained positions."""
+    gives one token stream; sft gives padded examples with a mask of the trained positions;
+    prepared reads launch.prepare's shards and tokenizer from data.path."""
     from orchestrator import sft
+
+    cache_root = Path(os.path.expanduser(cfg.cache_dir))
+    if cfg.format == "prepared":
+        _, manifest = _prepared_source(cfg, storage_options)
+        key = hashlib.sha256(json.dumps([FORMAT_VERSION, "prepared", [s["sha256"] for s in manifest["shards"]],
+                                         manifest.get("tokenizer_sha256")]).encode()).hexdigest()[:24]
+        out = cache_root / "tokenized" / key
+        if not (out / META).exists():
+            _build_prepared(cfg, storage_options, out)
+        return _read_prepared(out, key)
 
     paths = [Path(os.path.expanduser(p)).resolve() for p in cfg.paths]
     given = _files_digest([Path(tokenizer_path)]) if tokenizer_path else None
@@ -157,7 +237,6 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer_path: str | None = None)
     key = hashlib.sha256(
         json.dumps([FORMAT_VERSION, _files_digest(paths), vocab_size, fields, given]).encode()
     ).hexdigest()[:24]
-    cache_root = Path(os.path.expanduser(cfg.cache_dir))
     out = cache_root / "tokenized" / key
     meta_path = out / META
     if not meta_path.exists():

@@ -31,7 +31,8 @@ def data_storage(job: JobConfig, places: RunPlaces) -> Storage | None:
 
 
 def prepare_data(job: JobConfig, places: RunPlaces) -> PreparedData:
-    data = prepare(job.data, job.model.vocab_size, tokenizer_path=pretrained_tokenizer(job))
+    data = prepare(job.data, job.model.vocab_size, tokenizer_path=pretrained_tokenizer(job),
+                   storage_options=dict(job.run.storage_options))
     store = data_storage(job, places)
     return publish(data, store) if store is not None else data
 

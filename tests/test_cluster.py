@@ -273,6 +273,53 @@ def test_a_node_without_the_drivers_disk_is_refused_with_one_error(cluster, tmp_
     assert "Traceback" not in err, err[-3000:]
 
 
+def test_prepare_runs_on_both_nodes_and_trains_like_the_local_run(cluster, tmp_path, data_cache, s3_url):
+    """launch.prepare on the two-node cluster, its inputs and output on the object store (the second
+    node has neither the driver's disk nor the store's credentials), gives the same shards and the
+    same removals as an embedded run on local files; a job on the cluster trains from the stored
+    output to the same losses as a local job from the local output."""
+    from orchestrator.prepare.corpus import FILES, make_corpus
+    from orchestrator.storage import Storage
+
+    corpus = make_corpus(tmp_path / "corpus", 300, seed=1)
+    store = Storage.at(f"{s3_url}/in")
+    for name in (*FILES, "blocklist.txt"):
+        store.upload(tmp_path / "corpus" / name, name)
+    common = ["prepare.tokenize.shard_tokens=20000", "prepare.progress=false", "prepare.batch_size=32"]
+    spread = launch("prepare", f"cluster.address={cluster['gcs']}", f"prepare.inputs=[{store.url(FILES[0])},{store.url(FILES[1])}]",
+                    f"prepare.output={s3_url}/out", f"prepare.blocklist.path={store.url('blocklist.txt')}", *common)
+    assert spread.returncode == 0, spread.stdout[-2000:] + spread.stderr[-3000:]
+    local = launch("prepare", f"prepare.inputs=[{corpus['files'][0]},{corpus['files'][1]}]",
+                   f"prepare.output={tmp_path / 'out'}", f"prepare.blocklist.path={corpus['blocklist']}", *common)
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-3000:]
+    out = Storage.at(f"{s3_url}/out")
+    report = json.loads(out.read_text("prepare_report.json"))
+    assert len(report["worker_nodes"]) == 2, report["worker_nodes"]  # documents were cleaned on both nodes
+    mine = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert [(s["stage"], s["docs_out"], s["removed"]) for s in report["stages"]] == \
+        [(s["stage"], s["docs_out"], s["removed"]) for s in mine["stages"]]
+    shards = json.loads(out.read_text("shards", "manifest.json"))["shards"]
+    assert [s["sha256"] for s in shards] == \
+        [s["sha256"] for s in json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())["shards"]]
+
+    train = ["data=prepared", "model.vocab_size=2048", "trainer.max_steps=4"]
+    on_cluster = subprocess.run([sys.executable, "-m", "launch.train", f"cluster.address={cluster['gcs']}",
+                                 *job_overrides(tmp_path / "run-s3", data_cache, *train, f"data.path={s3_url}/out",
+                                                f"run.storage={s3_url}/run")],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert on_cluster.returncode == 0, on_cluster.stdout[-2000:] + on_cluster.stderr[-3000:]
+    at_home = subprocess.run([sys.executable, "-m", "launch.train",
+                              *job_overrides(tmp_path / "run-local", tmp_path / "cache", *train,
+                                             f"data.path={tmp_path / 'out'}")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert at_home.returncode == 0, at_home.stdout[-2000:] + at_home.stderr[-3000:]
+    remote_losses = json.loads((tmp_path / "run-s3" / "summary.json").read_text())["losses"]
+    local_losses = json.loads((tmp_path / "run-local" / "summary.json").read_text())["losses"]
+    assert len(remote_losses) == 4
+    for a, b in zip(remote_losses, local_losses, strict=True):
+        assert abs(a - b) <= 1e-6 * abs(b), (remote_losses, local_losses)
+
+
 def test_stop_ends_a_running_job(cluster, tmp_path, data_cache, s3_url):
     run_dir = tmp_path / "long"
     sub = jobs.submit(cluster["address"], job_overrides(run_dir, data_cache, "trainer.max_steps=100000",
