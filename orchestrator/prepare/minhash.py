@@ -34,7 +34,7 @@ def shingle_hashes(text: str, ngram: int) -> np.ndarray:
     words = shingle_words(text)
     if not words:
         return np.zeros(1, dtype=np.uint64)
-    h = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    h = np.fromiter(map(xxhash.xxh64_intdigest, map(str.encode, words)), dtype=np.uint64, count=len(words))
     n = min(ngram, len(words))
     with np.errstate(over="ignore"):
         g = np.zeros(len(words) - n + 1, dtype=np.uint64)

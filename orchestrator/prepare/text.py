@@ -61,7 +61,6 @@ class QualityConfig:
 
 
 _END_PUNCTUATION = (".", "!", "?", '"', "'", "\u201d", "\u2019", ";", ":")
-_WORD = re.compile(r"\S+")
 _ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")  # a word with a letter in it
 
 
@@ -93,7 +92,7 @@ def quality_reason(text: str, cfg: QualityConfig) -> str:
     """'' when the document passes every filter, else the first failed filter's name."""
     import numpy as np
 
-    words = _WORD.findall(text)
+    words = text.split()
     n = len(words)
     if n < cfg.min_words:
         return "too_few_words"
@@ -122,7 +121,8 @@ def quality_reason(text: str, cfg: QualityConfig) -> str:
     if dup_line_chars / chars > cfg.max_duplicate_line_char_fraction:
         return "duplicate_line_chars"
     # Python's string hash is fixed within a process, which is all counting inside one document needs.
-    hashes = np.fromiter((hash(w.lower()) for w in words), dtype=np.int64, count=n).view(np.uint64)
+    lowered = text.lower().split()
+    hashes = np.fromiter(map(hash, lowered), dtype=np.int64, count=len(lowered)).view(np.uint64)
     # An n-gram that repeats contains a shorter one that repeats: past the first n without
     # repeats, every longer n has none either (0 characters), and is not computed.
     clean_from = None
