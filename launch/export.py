@@ -16,7 +16,8 @@ def main() -> None:
     try:
         ckpt = export(args.run_dir, args.out_dir)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        key = "RUN_DIR" if exc.key == "model.init_from" else exc.key  # the command's own argument
+        print(f"error: {key}: {exc.message}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {ckpt} to {args.out_dir}")
 

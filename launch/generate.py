@@ -24,8 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stop", action="append", default=[])
     args = ap.parse_args(argv)
     if args.url:
+        import urllib.error
+        import urllib.parse
+
         from orchestrator.inference.client import Client, ServerError
 
+        parsed = urllib.parse.urlparse(args.url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            ap.error(f"--url: {args.url!r} is not a server address; expected http://HOST:PORT")
         try:
             for piece in Client(args.url, args.token).stream(args.prompt, max_tokens=args.max_tokens,
                                                              temperature=args.temperature, top_p=args.top_p,
@@ -33,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(piece, end="", flush=True)
         except ServerError as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"\nerror: --url {args.url}: no server answers ({getattr(exc, 'reason', exc)})", file=sys.stderr)
             sys.exit(2)
         print()
         return

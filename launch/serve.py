@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = compose(argv)
     except ConfigError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     import ray
     from aiohttp import web

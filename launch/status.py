@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         args = ap.parse_args(argv)
+        if not args.watch >= 0 or args.watch == float("inf"):  # also NaN
+            ap.error(f"--watch: must be a number of seconds >= 0 (0: print once), got {args.watch}")
         c = jobs.client(args.address or jobs.default_address())
         while True:
             rows = jobs.status_rows(c, args.job_id)

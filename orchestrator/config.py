@@ -8,7 +8,9 @@ paths that must exist) before any worker starts.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -301,10 +303,10 @@ def to_job_config(cfg: Any) -> JobConfig:
     base.strategy = OmegaConf.structured(classes[name])
     try:
         merged = OmegaConf.merge(base, cfg)
+        job: JobConfig = OmegaConf.to_object(merged)  # a key left ??? (data.paths of data=sft) fails here
     except Exception as exc:  # omegaconf's errors name the full key
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(str(key), str(exc).splitlines()[0]) from None
-    job: JobConfig = OmegaConf.to_object(merged)
     if job.model.init_from and "://" not in job.model.init_from:  # absolute: job.json names it from anywhere
         job.model.init_from = os.path.abspath(os.path.expanduser(job.model.init_from))
     validate(job)
@@ -327,7 +329,14 @@ def validate(job: JobConfig) -> None:
             obj = getattr(obj, part)
         _check_choice(key, obj)
 
+    check_finite(job)
     c = job.cluster
+    positive("cluster.start_timeout_s", c.start_timeout_s, "seconds")
+    check_name("run.name", job.run.name)
+    if not job.data.cache_dir.strip():
+        raise ConfigError("data.cache_dir", "must name a folder")
+    if Path(os.path.expanduser(job.data.cache_dir)).is_file():
+        raise ConfigError("data.cache_dir", f"{job.data.cache_dir} is a file; name a folder")
     if c.num_workers < 1:
         raise ConfigError("cluster.num_workers", f"must be >= 1, got {c.num_workers}")
     if c.cpus_per_worker < 1:
@@ -337,6 +346,8 @@ def validate(job: JobConfig) -> None:
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    for key in ("init_std", "rope_theta", "norm_eps"):
+        positive(f"model.{key}", getattr(m, key))
     if m.vocab_size < 258:
         raise ConfigError("model.vocab_size", f"a byte-level tokenizer needs at least 258 entries, got {m.vocab_size}")
     if m.dim % m.n_heads:
@@ -384,8 +395,15 @@ def validate(job: JobConfig) -> None:
         raise ConfigError("trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
 
     o = job.optim
-    if o.lr <= 0:
-        raise ConfigError("optim.lr", f"must be > 0, got {o.lr}")
+    positive("optim.lr", o.lr)
+    positive("optim.eps", o.eps)
+    for key in ("weight_decay", "grad_clip"):
+        value = getattr(o, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"optim.{key}", f"must be a finite number >= 0{' (0: no clipping)' if key == 'grad_clip' else ''}, "
+                                              f"got {value}")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError("optim.betas", f"two numbers in [0, 1) are needed, got {list(o.betas)}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -407,6 +425,36 @@ def validate(job: JobConfig) -> None:
     from orchestrator.alignment.checks import validate_alignment
 
     validate_alignment(job, topo.dp)
+
+
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """No number in the config is NaN or infinite, used or not (a NaN passes every comparison)."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}")
+        elif isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(key, f"must hold finite numbers, got {value}")
+
+
+def positive(key: str, value: float, unit: str = "") -> None:
+    """A finite number > 0 (NaN and infinity are refused too)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(key, f"must be a finite number > 0{' of ' + unit if unit else ''}, got {value}")
+
+
+NAME_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(key: str, value: str) -> None:
+    """A name that becomes part of paths, Ray actor names and dashboards."""
+    if not isinstance(value, str) or not NAME_CHARS.fullmatch(value):
+        raise ConfigError(key, f"{value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
 
 
 def check_location(key: str, location: str) -> None:
@@ -461,6 +509,25 @@ def compose(overrides: list[str] | None = None) -> JobConfig:
     from hydra import initialize_config_dir
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except Exception as exc:  # Hydra's composition errors: a misspelt key, an unknown group option
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+            raise
+        message = " ".join(str(exc).split()).split(" Config search path")[0]
+        raise ConfigError(_override_key(str(exc), overrides), message[:300]) from None
     return to_job_config(cfg)
+
+
+def _override_key(message: str, overrides: list[str]) -> str:
+    """The key of the override a Hydra error is about (the first one its message names)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key and (key in message or key.replace(".", "/") in message):
+            return key
+    return "config"

@@ -21,6 +21,24 @@ from tests.conftest import ROOT, cli
         (["model.n_heads=3"], "model.dim", "n_heads"),
         (["precision=fp16"], "precision", "auto, fp32, bf16"),
         (["data.seq_len=4096"], "data.seq_len", "max_seq_len"),
+        # Keys that were not checked before (issue 26), each with its allowed range.
+        (["cluster.start_timeout_s=0"], "cluster.start_timeout_s", "> 0"),
+        (["optim.eps=0"], "optim.eps", "> 0"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay", ">= 0"),
+        (["optim.grad_clip=-1"], "optim.grad_clip", ">= 0"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps", ">= 0"),
+        (["model.init_std=0"], "model.init_std", "> 0"),
+        (["model.rope_theta=-1"], "model.rope_theta", "> 0"),
+        (["model.norm_eps=0"], "model.norm_eps", "> 0"),
+        (["run.name=a/b"], "run.name", "letters, digits"),
+        (["run.name=''"], "run.name", "letters, digits"),
+        (["data.cache_dir=''"], "data.cache_dir", "folder"),
+        (["trainer.step_timeout_s=nan"], "trainer.step_timeout_s", "finite"),
+        (["alignment.beta=inf"], "alignment.beta", "finite"),
+        # Composition errors (a misspelt key, an unknown group option) are ConfigErrors too.
+        (["trainer.max_stepz=3"], "trainer.max_stepz", "Could not override"),
+        (["model=huge"], "model", "Available options"),
+        (["data=sft"], "data.paths", "missing"),
     ],
 )
 def test_semantic_errors_name_the_key(overrides, key, hint):
@@ -28,6 +46,42 @@ def test_semantic_errors_name_the_key(overrides, key, hint):
         compose(["model=tiny", "run.dir=/tmp/unused", *overrides])
     assert err.value.key == key
     assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, key, hint", [
+    (["inference.request_timeout_s=0"], "inference.request_timeout_s", "positive"),
+    (["inference.name=a/b"], "inference.name", "letters, digits"),
+    (["/some/run"], "/some/run", "checkpoint=/some/run"),
+])
+def test_serve_config_errors_name_the_key(overrides, key, hint):
+    from orchestrator.inference.config import compose as serve_compose
+
+    with pytest.raises(ConfigError) as err:
+        serve_compose(["checkpoint=/nonexistent", *overrides] if "=" in overrides[0] else overrides)
+    assert err.value.key == key and hint in str(err.value), str(err.value)
+
+
+CLI_CASES = [
+    (["launch.generate", "--url", "http://127.0.0.1:9", "hi"], "--url http://127.0.0.1:9: no server answers"),
+    (["launch.generate", "--url", "notaurl", "hi"], "--url: 'notaurl' is not a server address"),
+    (["launch.status", "--watch", "-1", "--address", "http://127.0.0.1:9"], "--watch: must be"),
+    (["launch.export", "/nonexistent/run", "/tmp/unused-export"], "RUN_DIR: /nonexistent/run"),
+    (["launch.submit", "--no-follow", "trainer.max_stepz=3", "cluster.address=http://127.0.0.1:9"],
+     "trainer.max_stepz"),
+    (["launch.submit", "--no-follow", "model=huge", "cluster.address=http://127.0.0.1:9"], "error: model:"),
+    (["launch.serve", "/some/run"], "did you mean checkpoint=/some/run"),
+    (["launch.serve", "checkpoint=/some/run", "inference.port=99999"], "inference.port: must be in [0, 65535]"),
+]
+
+
+def test_every_command_refuses_bad_arguments_with_exit_2_naming_them():
+    """Each command's bad argument: one line naming the option or key, exit 2, no traceback."""
+    import sys
+
+    for args, words in CLI_CASES:
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
 
 
 def test_good_config_is_typed():

@@ -170,6 +170,23 @@ def test_process_start_time_is_the_launch_to_the_clock_tick():
         assert before - 0.02 <= started <= before + 0.2
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_shell_that_execs_python_late_does_not_count_its_own_time():
+    """`bash -c "pip install ... && exec python -m launch.train"`: the process is the shell's, two
+    seconds older than Python; the command's start is Python's (its first import of launch)."""
+    import subprocess
+    import sys
+
+    code = ("import launch, time; from orchestrator.clock import process_start_time, _process_start; "
+            "print(repr(process_start_time()), repr(_process_start()))")
+    before = time.time()
+    out = subprocess.run(["bash", "-c", f'sleep 2; exec "{sys.executable}" -c "{code}"'], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    started, process = map(float, out.stdout.split())
+    assert process <= before + 0.1  # the shell's start
+    assert started >= before + 1.9  # Python's, after the shell's two seconds
+
+
 def test_a_failed_text_sample_does_not_fail_a_finished_job(job, monkeypatch):
     def broken(self, prompt, n):
         raise WorkerFailure("text sample failed: the prompt has no tokens")

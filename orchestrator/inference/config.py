@@ -63,7 +63,10 @@ def is_loopback(host: str) -> bool:
 def validate(cfg: ServeConfig) -> None:
     from orchestrator import pretrained
 
+    from orchestrator.config import check_name
+
     i = cfg.inference
+    check_name("inference.name", i.name)
     for key in ("replicas", "max_batch", "block_size", "kv_cache_tokens", "max_tokens_limit", "queue_limit",
                 "cpus_per_replica", "max_sequences_per_request") + (("kv_cache_bytes",) if i.kv_cache_bytes is not None
                                                                      else ()):
@@ -132,6 +135,10 @@ def engine_options(cfg: ServeConfig):
 def compose(overrides: list[str] | None = None) -> ServeConfig:
     """The typed serve config for these overrides (``checkpoint=... inference.replicas=N``)."""
     overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "arguments are KEY=VALUE overrides" + (
+                f"; did you mean checkpoint={item}?" if not item.startswith("-") else f"; {item} is not an option"))
     base = OmegaConf.structured(ServeConfig)
     try:
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
