@@ -108,6 +108,9 @@ class TrainerConfig:
     # A step that does not finish within this many seconds (a rank stuck in a collective)
     # is handled as a failure. 0 disables the check.
     step_timeout_s: float = 600.0
+    # A checkpoint save (rank 0 says when one starts) may take this long before it counts as a hang;
+    # the step timeout does not run during a save.
+    save_timeout_s: float = 3600.0
     # Text sample at the end of the job (0 tokens: none).
     sample_tokens: int = 64
     sample_prompt: str = "ROMEO:"
@@ -125,7 +128,11 @@ class ClusterConfig:
     # Embedded cluster only: logical CPUs to advertise (0: max(cores, workers * cpus_per_worker)).
     num_cpus: int = 0
     include_dashboard: bool = False
-    start_timeout_s: float = 120.0
+    start_timeout_s: float = 120.0  # reserving the ranks' resources, and the rendezvous
+    # Each rank's setup (process group, data, model, restored checkpoint), waited for by the driver.
+    setup_timeout_s: float = 600.0
+    # torch.distributed's timeout for one collective (gloo/NCCL): a rank that waits longer fails.
+    collective_timeout_s: float = 1800.0
     # CPU ranks only: pin each rank's process to cpus_per_worker cores of its own on its node, so
     # that two ranks never share a core while another sits idle. null (auto): on an embedded
     # cluster, whose machine the job owns; true: on any cluster; false: never. Skipped on a node
@@ -331,7 +338,9 @@ def validate(job: JobConfig) -> None:
 
     check_finite(job)
     c = job.cluster
-    positive("cluster.start_timeout_s", c.start_timeout_s, "seconds")
+    for key in ("start_timeout_s", "setup_timeout_s", "collective_timeout_s"):
+        positive(f"cluster.{key}", getattr(c, key), "seconds")
+    positive("trainer.save_timeout_s", job.trainer.save_timeout_s, "seconds")
     check_name("run.name", job.run.name)
     if not job.data.cache_dir.strip():
         raise ConfigError("data.cache_dir", "must name a folder")

@@ -145,8 +145,14 @@ class JobController:
         while True:
             metrics, outcomes = group.poll(self.poll_interval_s)
             now = time.time()
+            saving = group.saving_since()
             if metrics:
                 last_progress = now
+            elif saving is not None:  # a save is not a hang: it has its own, longer limit
+                limit = self.job.trainer.save_timeout_s
+                if outcomes is None and now - max(last_progress, saving[1]) > limit:
+                    raise WorkerFailure(f"the checkpoint save of step {saving[0]} did not finish within "
+                                        f"trainer.save_timeout_s={limit:g}s")
             elif timeout and outcomes is None and now - last_progress > timeout:
                 raise WorkerFailure(f"no step finished within trainer.step_timeout_s={timeout:g}s (a rank is stuck)")
             if metrics and not self.sinks_started:

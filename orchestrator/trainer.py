@@ -39,6 +39,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+@dataclass(frozen=True)
+class SaveNotice:
+    """Yielded by rank 0's training loop as a checkpoint save starts: the driver's hang check then
+    waits up to trainer.save_timeout_s instead of trainer.step_timeout_s."""
+
+    step: int
+
+
 @dataclass
 class TrainOutcome:
     rank: int
@@ -259,12 +267,16 @@ class Trainer:
             if self.rank == 0:
                 yield metrics
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.exit_at_step:
+                if self.rank == 0:
+                    yield SaveNotice(self.step)
                 self.save()
                 saved_at = self.step
             if self.step == t.exit_at_step:
                 exited_early = self.step < t.max_steps
                 break
         if saved_at != self.step:
+            if self.rank == 0:
+                yield SaveNotice(self.step)
             self.save()
         self.checkpointer.close()  # the last save is published before the job reports success
         if self.job.trainer.sample_tokens and self.engine.generation_model() is None:

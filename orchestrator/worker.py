@@ -139,6 +139,8 @@ class TrainWorker:
         """Yields ("metrics", dict) after every step on rank 0, then ("outcome", dict) on every rank."""
         import ray
 
+        from orchestrator.trainer import SaveNotice
+
         steps = self.trainer.run()
         while True:
             try:
@@ -146,7 +148,10 @@ class TrainWorker:
             except StopIteration as end:
                 outcome = end.value
                 break
-            yield "metrics", metrics
+            if isinstance(metrics, SaveNotice):
+                yield "saving", metrics.step
+            else:
+                yield "metrics", metrics
         yield "outcome", {**asdict(outcome), "node_id": ray.get_runtime_context().get_node_id(), "cores": self.cores,
                           "nice": os.nice(0)}
 

@@ -5,6 +5,8 @@ its state machine can be tested with a fake group and no Ray cluster.
 """
 from __future__ import annotations
 
+import time
+
 import uuid
 from typing import Protocol
 
@@ -34,6 +36,9 @@ class WorkerGroup(Protocol):
     def poll(self, timeout_s: float) -> tuple[list[dict], list[dict] | None]:
         """(new metrics from rank 0, every rank's outcome once all finished, else None).
         Raises WorkerFailure when a rank failed."""
+
+    def saving_since(self) -> tuple[int, float] | None:
+        """(step, time) of a checkpoint save rank 0 has started and not finished, else None."""
 
     def sample(self, prompt: str, max_new_tokens: int) -> str: ...
 
@@ -93,16 +98,17 @@ class RayWorkerGroup:
                 "check cluster.num_workers, cluster.cpus_per_worker and the cluster's free resources"
             )
         problems = [p for found in self._get([a.check_access.remote(job, places, data) for a in self.actors],
-                                             "storage and data access check")
+                                             "storage and data access check", self.cluster.setup_timeout_s)
                     for p in found]
         if problems:
             raise ConfigError(problems[0].key, "; ".join(str(p) for p in problems))
         addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous", timeout)
         local = self._local_ranks() if self._binds_cores() else [None] * self.world_size
         steps = self._get(
-            [a.setup.remote(job, places, run_id, resume_from, addr, port, self.device_type, timeout, local[rank])
+            [a.setup.remote(job, places, run_id, resume_from, addr, port, self.device_type,
+                            self.cluster.collective_timeout_s, local[rank])
              for rank, a in enumerate(self.actors)],
-            "worker setup",
+            "worker setup (cluster.setup_timeout_s)", self.cluster.setup_timeout_s,
         )
         return steps[0]
 
@@ -123,6 +129,11 @@ class RayWorkerGroup:
         # Streaming generators: each rank's items come back as the rank yields them.
         self._train_refs = [a.train.options(num_returns="streaming").remote() for a in self.actors]
         self._outcomes = {}
+        self._saving = None
+
+    def saving_since(self) -> tuple[int, float] | None:
+        """(step, when) of the checkpoint save rank 0 is in, if it is in one."""
+        return self._saving
 
     def poll(self, timeout_s: float) -> tuple[list[dict], list[dict] | None]:
         import ray
@@ -148,6 +159,11 @@ class RayWorkerGroup:
             except StopIteration:
                 raise WorkerFailure(f"rank {rank} stopped training without an outcome", rank) from None
             kind, item = self._get(ref, f"rank {rank}")
+            if kind == "saving":  # rank 0 starts a checkpoint save
+                self._saving = (item, time.time())
+                continue
+            if rank == 0:
+                self._saving = None
             if kind == "metrics":
                 metrics.append(item)
             else:

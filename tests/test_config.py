@@ -23,6 +23,9 @@ from tests.conftest import ROOT, cli
         (["data.seq_len=4096"], "data.seq_len", "max_seq_len"),
         # Keys that were not checked before (issue 26), each with its allowed range.
         (["cluster.start_timeout_s=0"], "cluster.start_timeout_s", "> 0"),
+        (["cluster.setup_timeout_s=0"], "cluster.setup_timeout_s", "> 0"),
+        (["cluster.collective_timeout_s=-1"], "cluster.collective_timeout_s", "> 0"),
+        (["trainer.save_timeout_s=0"], "trainer.save_timeout_s", "> 0"),
         (["optim.eps=0"], "optim.eps", "> 0"),
         (["optim.weight_decay=-0.1"], "optim.weight_decay", ">= 0"),
         (["optim.grad_clip=-1"], "optim.grad_clip", ">= 0"),

@@ -43,6 +43,9 @@ class FakeGroup:
         return [{"step": self.step, "loss": 10.0 / self.step, "lr": 1e-3, "tokens_per_s": 100.0,
                  "step_time_s": 0.1, "time": 0.0}], None
 
+    def saving_since(self):
+        return None
+
     def sample(self, prompt, n):
         return prompt + " ..."
 
@@ -137,6 +140,54 @@ class StuckGroup(FakeGroup):
     def poll(self, timeout_s):
         time.sleep(0.01)
         return [], None
+
+
+class SlowSaveGroup(FakeGroup):
+    """Rank 0 says a save started after step 2; the save then takes ``save_s`` seconds."""
+
+    save_s = 0.5
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saving = None
+
+    def poll(self, timeout_s):
+        time.sleep(0.01)
+        if self.saving is not None:
+            if time.time() - self.saving[1] < self.save_s:
+                return [], None
+            self.saving = None
+        if self.step == 2 and not getattr(self, "saved", False):
+            self.saved = True
+            self.saving = (2, time.time())
+            return [], None
+        return super().poll(timeout_s)
+
+    def saving_since(self):
+        return self.saving
+
+
+def _stub_data(job):
+    tokenizer = Path(job.run.dir).parent / "tokenizer.json"
+    tokenizer.write_text("{}")
+    return PreparedData(tokens_path="unused", tokenizer_path=str(tokenizer), n_tokens=0, eos_id=0, vocab_size=512)
+
+
+def test_a_save_longer_than_the_step_timeout_is_not_a_hang(job):
+    job.trainer.step_timeout_s = 0.2
+    job.trainer.sample_tokens = 0
+    data = _stub_data(job)
+    SlowSaveGroup.save_s = 0.6  # three step timeouts
+    ctl = JobController(job, make_group=lambda: SlowSaveGroup([], 4, []), prepare_data=lambda: data, sinks=[],
+                        command_start=0.0, poll_interval_s=0.0)
+    summary = ctl.run()
+    assert summary["status"] == "succeeded", summary["error"]
+    # ... but a save longer than trainer.save_timeout_s is.
+    job.trainer.save_timeout_s = 0.3
+    ctl = JobController(job, make_group=lambda: SlowSaveGroup([], 4, []), prepare_data=lambda: data, sinks=[],
+                        command_start=0.0, poll_interval_s=0.0)
+    summary = ctl.run()
+    assert summary["status"] == "failed" and "trainer.save_timeout_s" in summary["error"], summary["error"]
 
 
 def test_a_hang_is_detected_by_the_step_timeout(job):
