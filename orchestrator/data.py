@@ -26,14 +26,15 @@ import numpy as np
 from orchestrator.config import DataConfig
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Storage
+from orchestrator.tokens import EOS
 
 # Nothing is ever fetched from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-EOS = "<|endoftext|>"
 FORMAT_VERSION = 2
-_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# File suffix -> how it is read (the datasets builder): training data and launch.prepare alike.
+LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,9 @@ def load_documents(paths: list[Path], text_field: str, cache_dir: Path):
     datasets.disable_progress_bars()
     by_builder: dict[str, list[str]] = {}
     for p in paths:
-        builder = _BUILDERS.get(p.suffix.lower())
+        builder = LOADERS.get(p.suffix.lower())
         if builder is None:
-            raise ConfigError("data.paths", f"{p}: unsupported file type; allowed: {', '.join(sorted(_BUILDERS))}")
+            raise ConfigError("data.paths", f"{p}: unsupported file type; allowed: {', '.join(sorted(LOADERS))}")
         by_builder.setdefault(builder, []).append(str(p))
     parts = []
     for builder, files in by_builder.items():

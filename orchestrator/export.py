@@ -14,8 +14,8 @@ from pathlib import Path
 from orchestrator import checkpoint, pretrained
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Storage
+from orchestrator.tokens import EOS
 
-EOS = "<|endoftext|>"
 HF_LAYER_NAMES = {
     "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
     "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.errors import ConfigError
+from orchestrator.tokens import IGNORE_INDEX as IGNORE
 
-IGNORE = -100
 # The chat template: each turn is "<|role|>\n" + content + "\n"; the assistant's turns (their
 # content and the EOS that ends the example) are what the model learns to produce.
 ROLES = ("system", "user", "assistant")
@@ -69,7 +69,8 @@ def load_rows(paths: list[Path], cache_dir: Path) -> list[tuple[str, dict]]:
 def build(paths: list[Path], cfg, vocab_size: int, tokenizer_path: str | None, cache_root: Path):
     """tokens (N, seq_len + 1) padded with EOS, and mask (N, seq_len + 1): True where the token
     at that position is a training target (assistant content and the closing EOS)."""
-    from orchestrator.data import EOS, tokenizer_for
+    from orchestrator.data import tokenizer_for
+    from orchestrator.tokens import EOS
 
     examples = [segments(turns_of(row, cfg, where)) for where, row in load_rows(paths, cache_root)]
     tok = tokenizer_for(["".join(text for text, _ in ex) for ex in examples], vocab_size, tokenizer_path)

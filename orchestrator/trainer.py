@@ -19,6 +19,7 @@ from orchestrator.config import JobConfig
 from orchestrator.data import BlockSampler, PreparedData, open_blocks
 from orchestrator.models import Llama, LlamaArgs, num_params
 from orchestrator.storage import RunPlaces, Storage
+from orchestrator.tokens import EOS
 from strategies.base import EngineContext
 
 log = logging.getLogger(__name__)
@@ -348,7 +349,7 @@ class Trainer:
         if model is None:
             model = self._whole_model(self._weights)
         tok = Tokenizer.from_file(tokenizer_path)
-        eos = tok.token_to_id("<|endoftext|>")
+        eos = tok.token_to_id(EOS)
         # An empty prompt starts a fresh document (after the separator); a long one keeps its end
         # (the model's context, with room for the new tokens).
         ids = tok.encode(prompt).ids or ([eos] if eos is not None else [0])

@@ -58,7 +58,8 @@ def _encode(tok, turns, eos_id: int) -> tuple[list[int], list[bool]]:
 
 def build_preference(paths: list[Path], cfg, vocab_size: int, tokenizer_path: str | None, cache_root: Path):
     """tokens and mask (pairs, 2, seq_len + 1): [:, 0] the chosen answer, [:, 1] the rejected one."""
-    from orchestrator.data import EOS, tokenizer_for
+    from orchestrator.data import tokenizer_for
+    from orchestrator.tokens import EOS
 
     pairs = [pair_turns(row, cfg, where) for where, row in load_rows(paths, cache_root)]
     texts = ["".join(text for text, _ in segments(t)) for pair in pairs for t in pair]

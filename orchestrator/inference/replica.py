@@ -26,7 +26,7 @@ def load_model(checkpoint: str, device: str = "cpu", quantize: str = "none"):
     from tokenizers import Tokenizer
 
     from orchestrator import pretrained
-    from orchestrator.export import EOS
+    from orchestrator.tokens import EOS
     from orchestrator.models import Llama, LlamaArgs
 
     pre = pretrained.locate(checkpoint)

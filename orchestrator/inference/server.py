@@ -367,7 +367,7 @@ def build(cfg: ServeConfig, replica_cls=None) -> Server:
     from tokenizers import Tokenizer
 
     from orchestrator import pretrained
-    from orchestrator.export import EOS
+    from orchestrator.tokens import EOS
     from orchestrator.inference.replica import model_shape
     from orchestrator.inference.weights import expected_shapes
     from orchestrator.models import Llama, LlamaArgs

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.tokens import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -174,7 +176,7 @@ class Llama(nn.Module):
         return h if self.output is None else self.output(h)
 
 
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean next-token cross entropy over the positions whose target is not ignored."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 

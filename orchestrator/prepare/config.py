@@ -11,11 +11,12 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from orchestrator.config import ClusterConfig, check_location
+from orchestrator.data import LOADERS
 from orchestrator.errors import ConfigError
 from orchestrator.prepare.text import PLACEHOLDERS, QualityConfig
 from orchestrator.storage import Storage
 
-SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".parquet")
+SUFFIXES = tuple(LOADERS)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from orchestrator.data import LOADERS
 from orchestrator.errors import ConfigError
 from orchestrator.prepare import minhash, text as T
 from orchestrator.prepare.config import PrepareConfig, check, fingerprint, storage_of
@@ -68,11 +69,11 @@ def _read_file(item: dict, inputs: list[str], text_field: str, options: dict, en
     location = inputs[index]
     cfg = PrepareConfig(inputs=inputs, output="", text_field=text_field, storage_options=options)
     store, name = storage_of(location, cfg)
-    suffix = os.path.splitext(name)[1].lower()
+    kind = LOADERS[os.path.splitext(name)[1].lower()]
     raw = store.read_bytes(name)
-    if suffix in (".txt", ".text"):
+    if kind == "text":
         texts = [raw.decode("utf-8", errors="replace")]
-    elif suffix == ".parquet":
+    elif kind == "parquet":
         import pyarrow.parquet as pq
 
         texts = pq.read_table(io.BytesIO(raw), columns=[text_field]).column(0).to_pylist()
@@ -305,7 +306,7 @@ def _tokenize(df, tokenizer_json: str):
     import pandas as pd
     from tokenizers import Tokenizer
 
-    from orchestrator.data import EOS
+    from orchestrator.tokens import EOS
 
     tok = Tokenizer.from_str(tokenizer_json)
     eos = tok.token_to_id(EOS)
