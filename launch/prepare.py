@@ -23,17 +23,11 @@ _entered = False
 
 
 def to_prepare_job(cfg):
+    from orchestrator.config import typed
     from orchestrator.prepare.config import PrepareJob
 
-    if not isinstance(cfg, dict):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(PrepareJob), cfg)
-        return OmegaConf.to_object(merged)
-    except Exception as exc:  # omegaconf's errors name the full key
-        key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(str(key), str(exc).splitlines()[0]) from None
+    cfg = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    return typed(OmegaConf.structured(PrepareJob), cfg)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base=None)

@@ -308,16 +308,22 @@ def to_job_config(cfg: Any) -> JobConfig:
         raise ConfigError("strategy", f"unknown strategy {name!r}; allowed: {', '.join(sorted(classes))}")
     base = OmegaConf.structured(JobConfig)
     base.strategy = OmegaConf.structured(classes[name])
-    try:
-        merged = OmegaConf.merge(base, cfg)
-        job: JobConfig = OmegaConf.to_object(merged)  # a key left ??? (data.paths of data=sft) fails here
-    except Exception as exc:  # omegaconf's errors name the full key
-        key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(str(key), str(exc).splitlines()[0]) from None
+    job: JobConfig = typed(base, cfg)
     if job.model.init_from and "://" not in job.model.init_from:  # absolute: job.json names it from anywhere
         job.model.init_from = os.path.abspath(os.path.expanduser(job.model.init_from))
     validate(job)
     return job
+
+
+def typed(base: Any, cfg: Any) -> Any:
+    """``cfg`` merged onto the structured config ``base``, as its dataclass. omegaconf's errors (a
+    misspelt key, a wrong type, a key left ??? such as data.paths of data=sft) become one
+    ConfigError naming the full key."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(base, cfg))
+    except Exception as exc:  # omegaconf's errors name the full key
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(str(key), str(exc).splitlines()[0]) from None
 
 
 def _check_choice(key: str, value: str) -> None:

@@ -90,12 +90,12 @@ class PrepareJob:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-def storage_of(location: str, cfg: PrepareConfig) -> tuple[Storage, str]:
-    """(the folder holding ``location``, its file name), for a path or a URL."""
+def storage_of(location: str, options: dict) -> tuple[Storage, str]:
+    """(the folder holding ``location``, its file name), for a path or a URL (``options``: fsspec's)."""
     location = os.path.expanduser(location)
     if "://" in location and not location.startswith("file://"):
         folder, name = location.rstrip("/").rsplit("/", 1)
-        return Storage.at(folder, dict(cfg.storage_options)), name
+        return Storage.at(folder, dict(options)), name
     path = os.path.abspath(location.removeprefix("file://"))
     return Storage.at(os.path.dirname(path)), os.path.basename(path)
 
@@ -128,8 +128,9 @@ def _check_quality(q: QualityConfig) -> None:
 
 
 def check(cfg: PrepareConfig) -> dict:
-    """Checks everything before work starts; returns the inputs' identity (each input's URL with
-    its size and fsspec key), what the output's fingerprint is made of."""
+    """Checks everything before work starts; returns what the output's fingerprint is made of: the
+    inputs' identity (each input's URL with its size and fsspec key) and the contents of the
+    blocklist and tokenizer, where given (read once, here)."""
     for key, value, lo in (("workers", cfg.workers, 1), ("batch_size", cfg.batch_size, 1),
                            ("driver_group_rows", cfg.driver_group_rows, 0), ("examples", cfg.examples, 0),
                            ("blocklist.min_hits", cfg.blocklist.min_hits, 1),
@@ -152,15 +153,16 @@ def check(cfg: PrepareConfig) -> dict:
     t = cfg.tokenize
     if t.vocab_size < 258:
         raise ConfigError("prepare.tokenize.vocab_size", f"a byte-level tokenizer needs at least 258 entries, got {t.vocab_size}")
-    for key, location in (("prepare.blocklist.path", cfg.blocklist.path), ("prepare.tokenize.tokenizer", t.tokenizer)):
+    contents = {}
+    for name, key, location in (("blocklist", "prepare.blocklist.path", cfg.blocklist.path),
+                                ("tokenizer", "prepare.tokenize.tokenizer", t.tokenizer)):
         if location:
-            _readable(key, location, cfg)
+            contents[name] = _readable(key, location, cfg).decode("utf-8", errors="replace")
     if t.tokenizer:
         from tokenizers import Tokenizer
 
-        store, name = storage_of(t.tokenizer, cfg)
         try:
-            Tokenizer.from_str(store.read_text(name))
+            Tokenizer.from_str(contents["tokenizer"])
         except Exception as exc:
             raise ConfigError("prepare.tokenize.tokenizer", f"{t.tokenizer}: not a tokenizer.json ({exc})") from None
     if not cfg.inputs:
@@ -169,12 +171,12 @@ def check(cfg: PrepareConfig) -> dict:
     if not cfg.output:
         raise ConfigError("prepare.output", "name a folder or a storage URL")
     check_location("prepare.output", cfg.output)
-    return {"inputs": identity}
+    return {"inputs": identity, "contents": contents}
 
 
 def _readable(key: str, location: str, cfg: PrepareConfig) -> bytes:
     check_location(key, location)
-    store, name = storage_of(location, cfg)
+    store, name = storage_of(location, cfg.storage_options)
     try:
         return store.read_bytes(name)
     except (OSError, ValueError) as exc:
@@ -187,7 +189,7 @@ def _check_input(location: str, cfg: PrepareConfig) -> dict:
     if suffix not in SUFFIXES:
         raise ConfigError("prepare.inputs", f"{location}: unsupported file type {suffix or '(none)'}; "
                                             f"allowed: {', '.join(SUFFIXES)}")
-    store, name = storage_of(location, cfg)
+    store, name = storage_of(location, cfg.storage_options)
     try:
         info = store.fs.info(store._path(name))
         if info.get("type") != "file":
@@ -225,9 +227,6 @@ def fingerprint(cfg: PrepareConfig, identity: dict) -> str:
     for key in ("workers", "batch_size", "examples", "progress", "storage_options", "output", "inputs",
                 "driver_group_rows"):
         settings.pop(key)
-    contents = {}
-    for key, location in (("blocklist", cfg.blocklist.path), ("tokenizer", cfg.tokenize.tokenizer)):
-        if location:
-            store, name = storage_of(location, cfg)
-            contents[key] = hashlib.sha256(store.read_bytes(name)).hexdigest()
-    return hashlib.sha256(json.dumps([identity, settings, contents], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    contents = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in identity["contents"].items()}
+    return hashlib.sha256(json.dumps([identity["inputs"], settings, contents], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:24]

@@ -83,11 +83,8 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """One int64 key per band: the band's index and its rows' values, hashed."""
     import xxhash
 
-    out = np.empty(bands, dtype=np.int64)
-    for i in range(bands):
-        out[i] = np.int64(np.uint64(xxhash.xxh64_intdigest(sig[i * rows:(i + 1) * rows].tobytes(), seed=i))
-                          .astype(np.int64))
-    return out
+    keys = [xxhash.xxh64_intdigest(sig[i * rows:(i + 1) * rows].tobytes(), seed=i) for i in range(bands)]
+    return np.array(keys, dtype=np.uint64).view(np.int64)
 
 
 def clusters_to_drop(edges: np.ndarray) -> dict[int, int]:

@@ -39,15 +39,8 @@ DOCS_DONE = "documents/_done.json"
 MANIFEST = "shards/manifest.json"  # orchestrator.data reads it (PREPARED_MANIFEST)
 REPORT = "prepare_report.json"
 PICTURE = "prepare_report.png"
-STAGES = ("read", "normalize", "quality", "exact_dedup", "near_dedup", "scrub", "blocklist")
 NOTE_CHARS = 240
 DOCS_PER_FILE = 8192  # cleaned documents per parquet file
-
-
-def pd_concat(frames):
-    import pandas as pd
-
-    return pd.concat(frames, ignore_index=True)
 
 
 def _stage_of(reason: str) -> str:
@@ -67,8 +60,7 @@ def _read_file(item: dict, inputs: list[str], text_field: str, options: dict, en
     t0 = time.perf_counter()
     index = int(item["file"])
     location = inputs[index]
-    cfg = PrepareConfig(inputs=inputs, output="", text_field=text_field, storage_options=options)
-    store, name = storage_of(location, cfg)
+    store, name = storage_of(location, options)
     kind = LOADERS[os.path.splitext(name)[1].lower()]
     raw = store.read_bytes(name)
     if kind == "text":
@@ -97,6 +89,16 @@ def _live(df):
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+def _nbytes(text: str) -> int:
+    return len(text.encode("utf-8", errors="replace"))
+
+
+def _resize(df, changed: list[bool], nbytes, nwords) -> None:
+    """The size columns after a stage: those before it, measured again where it changed the text."""
+    df["nbytes"] = [_nbytes(t) if c else int(b) for t, c, b in zip(df["text"], changed, nbytes)]
+    df["nwords"] = [_words(t) if c else int(w) for t, c, w in zip(df["text"], changed, nwords)]
 
 
 class _Notes:
@@ -128,7 +130,7 @@ def _first_pass(df, cfg: PrepareConfig, bands: int, rows: int):
     texts = list(df["text"])
     notes = _Notes(n, cfg.examples)
     drop = ["" if t.strip() else "empty" for t in texts]
-    df["nbytes_in"] = [len(t.encode("utf-8", errors="replace")) for t in texts]
+    df["nbytes_in"] = [_nbytes(t) for t in texts]
     df["nwords_in"] = [_words(t) for t in texts]
     t0 = time.perf_counter()
     changed = [False] * n
@@ -169,8 +171,7 @@ def _first_pass(df, cfg: PrepareConfig, bands: int, rows: int):
     df["text"] = texts
     df["drop"] = drop
     df["changed"] = changed
-    df["nbytes"] = [len(t.encode("utf-8", errors="replace")) for t in texts]
-    df["nwords"] = [_words(t) for t in texts]
+    _resize(df, changed, df["nbytes_in"], df["nwords_in"])
     df["hash"] = np.asarray(hashes, dtype=np.int64)
     df["bands"] = keys
     df["note"] = notes.column()
@@ -264,8 +265,7 @@ def _second_pass(df, cfg: PrepareConfig, dropped: dict, names: dict, words: list
     df["changed"] = changed
     for k in T.PLACEHOLDERS:
         df[f"pii_{k}"] = counts[k]
-    df["nbytes"] = [len(t.encode("utf-8", errors="replace")) for t in texts]
-    df["nwords"] = [_words(t) for t in texts]
+    _resize(df, changed, df["nbytes"], df["nwords"])
     df["note"] = notes.column()
     for stage, seconds in (("dedup_verdicts", t1 - t0), ("scrub", t2 - t1), ("blocklist", t3 - t2)):
         df[f"t_{stage}"] = seconds / max(1, n)
@@ -444,10 +444,7 @@ class Preparation:
         wall_global = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        words = []
-        if cfg.blocklist.path:
-            store, name = storage_of(cfg.blocklist.path, cfg)
-            words = T.read_blocklist(store.read_text(name))
+        words = T.read_blocklist(self.identity["contents"].get("blocklist", ""))
         ds = self._map(ds, _second_pass, cfg=cfg, dropped=dropped, names=names, words=words).materialize()
         second = ds.select_columns(["doc_id", "drop", "note", "changed", "nbytes", "nwords", "t_dedup_verdicts",
                                     "t_scrub", "t_blocklist"] + [f"pii_{k}" for k in T.PLACEHOLDERS]).to_pandas()
@@ -460,9 +457,11 @@ class Preparation:
         report["passes_s"] = {"read_and_per_document_stages": round(wall_first, 3),
                               "global_steps": round(wall_global, 3),
                               "verdicts_scrub_blocklist_and_write": round(wall_second, 3)}
-        removed = pd_concat([first[first["drop"] != ""][["doc_id", "source", "row", "drop"]],
+        import pandas as pd
+
+        removed = pd.concat([first[first["drop"] != ""][["doc_id", "source", "row", "drop"]],
                              second[second["drop"] != ""][["doc_id", "drop"]].merge(
-                                 first[["doc_id", "source", "row"]], on="doc_id")])
+                                 first[["doc_id", "source", "row"]], on="doc_id")], ignore_index=True)
         self._write_removed(removed)
         self.log(f"documents: {len(first)} read, {int((second['drop'] == '').sum())} kept -> {self.out.url('documents')}")
 
@@ -554,8 +553,7 @@ class Preparation:
         if self.out.exists("tokenizer.json"):
             return self.out.read_text("tokenizer.json")
         if t.tokenizer:
-            store, name = storage_of(t.tokenizer, self.cfg)
-            text = store.read_text(name)
+            text = self.identity["contents"]["tokenizer"]
         else:
             from orchestrator.data import train_tokenizer
 
