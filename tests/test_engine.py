@@ -89,3 +89,17 @@ def test_new_weights_empty_the_prefix_cache(serve_source):
     hits = engine.prefix.hit
     assert run(engine, [Request("b", ids(tok, LONG), 16)])["b"] == reference(model, tok, eos, LONG, 16)
     assert engine.prefix.hit == hits  # nothing reused from before
+
+
+def test_reset_mid_flight_starts_clean(plain):
+    """What a replica does after a fault outside any request: requests in flight are dropped, all
+    blocks are free, and the prefix cache forgets blocks it no longer owns (a hit on one of them
+    after the reset would share a block another sequence now writes)."""
+    model, tok, eos = plain
+    engine = GenerationEngine(model, tok, eos, block_size=4, num_blocks=64, max_batch=4)
+    want = run(engine, [Request("a", ids(tok, LONG), 16)])["a"]
+    engine.add(Request("b", ids(tok, PROMPTS[0]), 30))
+    engine.step()
+    engine.reset()
+    assert not engine.busy and engine.pool.n_free == engine.pool.total and engine.prefix.lookup(ids(tok, LONG)) == []
+    assert run(engine, [Request("c", ids(tok, LONG), 16)])["c"] == want

@@ -42,7 +42,7 @@ from orchestrator.models.llama import Llama, causal_attention
 __all__ = ["GenerationEngine", "Request", "Event", "check_request"]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the engine's lists compare sequences (field by field cost O(n^2) per step)
 class Sequence:
     request: Request
     tokens: list[int]  # prompt and output so far
@@ -210,15 +210,20 @@ class GenerationEngine:
         shape = (a.n_layers, num_blocks * block_size, a.n_kv_heads // tp, a.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.pool = BlockPool(num_blocks)
-        self.prefix = PrefixCache(self.pool, block_size) if prefix_cache else None
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.failed: list[Event] = []  # refused or failed requests, reported by the next step
+        self.use_prefix_cache = prefix_cache
+        self.reset()
         self.preemptions = 0
         self.failures = 0
         self.cancellations = 0  # requests ended by cancel() before they finished
         self.shared_prefills = 0  # sequences that took a group leader's prefill
+
+    def reset(self) -> None:
+        """Drops every request and cached block: the engine starts clean."""
+        self.pool = BlockPool(self.k.shape[1] // self.block_size)
+        self.prefix = PrefixCache(self.pool, self.block_size) if self.use_prefix_cache else None
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.failed: list[Event] = []  # refused or failed requests, reported by the next step
 
     def weights_changed(self) -> None:
         """New weights: no later request may reuse keys and values cached under the old ones."""

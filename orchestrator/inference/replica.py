@@ -253,9 +253,7 @@ class Replica:
         self.engine_faults += 1
         e = self.engine
         held = [s.request for s in list(e.waiting) + e.running]
-        e.waiting.clear()
-        e.running.clear()
-        e.pool = type(e.pool)(e.pool.total)
+        e.reset()
         return [Event(r.id, "", [], "error", len(r.prompt_ids), error=describe(exc)) for r in held]
 
     def _ensure_loop(self) -> None:
