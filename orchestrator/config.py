@@ -114,6 +114,16 @@ class TrainerConfig:
     # Text sample at the end of the job (0 tokens: none).
     sample_tokens: int = 64
     sample_prompt: str = "ROMEO:"
+    # Recompute activations in the backward pass instead of keeping them: none, full (every
+    # transformer block), or selective (every k-th block, k = activation_checkpointing_every,
+    # counting from block 0). Applied after tensor parallel and before compilation and
+    # data-parallel wrapping, by every strategy.
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+    # torch.compile of each transformer block (after activation checkpointing, before
+    # data-parallel wrapping). Refused with tensor parallel (tp > 1): torch 2.13's compiled
+    # blocks fail in the backward of DTensor's redistribution there.
+    compile: bool = False
 
 
 @dataclass
@@ -274,6 +284,7 @@ CHOICES = {
     "optim.name": ("adamw",),
     "data.format": ("text", "sft", "preference", "prepared"),
     "alignment.method": ("none", "dpo", "grpo"),
+    "trainer.activation_checkpointing": ("none", "full", "selective"),
 }
 
 
@@ -408,6 +419,9 @@ def validate(job: JobConfig) -> None:
         raise ConfigError("trainer.step_timeout_s", f"must be >= 0, got {t.step_timeout_s}")
     if t.keep_checkpoints < 1:
         raise ConfigError("trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    if t.activation_checkpointing_every < 1:
+        raise ConfigError("trainer.activation_checkpointing_every",
+                          f"must be >= 1 (selective checkpointing of every k-th block), got {t.activation_checkpointing_every}")
 
     o = job.optim
     positive("optim.lr", o.lr)

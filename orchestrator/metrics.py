@@ -275,12 +275,16 @@ def default_sinks(job: JobConfig, places: RunPlaces) -> list[Sink]:
 
 
 def memory_summary(per_rank: list[dict]) -> dict:
-    """Model-state bytes each rank holds (counted from tensors) against the ZeRO formula."""
+    """Model-state bytes each rank holds (counted from tensors) against the ZeRO formula, and the
+    activation bytes one micro-batch's forward leaves for the backward pass on each rank (under a
+    pipeline, through the rank's first stage) with the activation checkpointing that ran."""
     measured = [m.get("model_states_bytes") for m in per_rank]
     formula = per_rank[0].get("formula_bytes") if per_rank else None
     out = {"model_states_bytes_per_rank": measured, "zero_formula_bytes": formula,
            "zero_formula": per_rank[0].get("formula") if per_rank else None,
            "ratio_to_formula_per_rank": [m / formula if m and formula else None for m in measured],
+           "activation_bytes_per_rank": [m.get("activation_bytes") for m in per_rank],
+           "activation_checkpointing": per_rank[0].get("activation_checkpointing") if per_rank else None,
            "per_rank": per_rank}
     if per_rank and "formula_bytes_without_master_copy" in per_rank[0]:
         out["zero_formula_bytes_without_master_copy"] = per_rank[0]["formula_bytes_without_master_copy"]

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from orchestrator.config import OptimConfig, TrainerConfig
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.topology import Topology
+from strategies.activations import MetersActivations, prepare_blocks  # noqa: F401  (strategies import them here)
 
 # (input ids, target ids), both (B, T), then whatever the job's objective needs besides
 # (orchestrator.alignment.losses): reference log-probabilities, advantages.
@@ -186,7 +187,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-class TorchEngine:
+class TorchEngine(MetersActivations):
     """Forward/backward over micro-batches, clipping, AdamW and the LR schedule.
 
     ``module`` is what runs forward (possibly a DDP wrapper); ``model`` is the
@@ -235,7 +236,7 @@ class TorchEngine:
         for i, batch in enumerate(micro_batches):
             sync = self.no_sync() if i < n - 1 else contextlib.nullcontext()
             with sync, self.loss_context():
-                with autocast(self.ctx.device, self.ctx.precision):
+                with autocast(self.ctx.device, self.ctx.precision), self.activation_meter():
                     loss, extra = objective.loss(self.module(batch[0]), batch)
                 (loss / n).backward()
             total += full_value(loss.detach())
@@ -317,7 +318,8 @@ class TorchEngine:
         psi = sum(p.numel() for p in self.params)
         # torch AdamW keeps no master copy: fp32 parameters and gradients, K = 8 (m and v).
         return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optim,
-                "model_states_bytes": params + grads + optim, **zero_formula(0, psi, 1, 4, 4, 8)}
+                "model_states_bytes": params + grads + optim, **zero_formula(0, psi, 1, 4, 4, 8),
+                **self.activation_report(self.ctx.trainer)}
 
     def generation_model(self) -> nn.Module | None:
         return self.model

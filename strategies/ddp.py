@@ -30,9 +30,10 @@ def build_engine(cfg: Config, model, ctx):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from strategies.base import TorchEngine, materialize
+    from strategies.base import TorchEngine, materialize, prepare_blocks
 
     model = materialize(model, ctx)
+    prepare_blocks(model, ctx.trainer)
     wrapped = DistributedDataParallel(
         model,
         device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,

@@ -64,6 +64,10 @@ class Layout:
             raise ConfigError("strategy.data_parallel",
                               f"{self.data_parallel!r} is not allowed; choose one of {', '.join(DATA_PARALLEL)}")
         if self.tp > 1:
+            if t.compile:
+                raise ConfigError("trainer.compile", f"torch.compile of the blocks is not supported with tensor parallel "
+                                  f"(strategy.tp={self.tp}): torch's compiled blocks fail in the backward of DTensor's "
+                                  "redistribution; set trainer.compile=false or strategy.tp=1")
             if m.ffn_dim % self.tp:
                 raise ConfigError("model.ffn_dim", f"{m.ffn_dim} is not divisible by tp={self.tp}")
             if self.sequence_parallel and job.data.seq_len % self.tp:

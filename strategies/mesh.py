@@ -31,7 +31,7 @@ from torch.distributed.tensor.parallel import (
 from orchestrator.models import Llama, causal_lm_loss
 from strategies.base import (
     Batch, EngineContext, StepResult, TorchEngine, autocast, full_value, local_tensor, mean_over_group,
-    optimizer_state_bytes, tensor_bytes, zero_formula,
+    optimizer_state_bytes, prepare_blocks, tensor_bytes, zero_formula,
 )
 from strategies.layout import Layout
 
@@ -173,12 +173,13 @@ class Stopwatch:
 class TimedStage(PipelineStage):
     """A PipelineStage that times its compute, so a step's idle (bubble) time can be measured."""
 
-    def __init__(self, *args, stopwatch: Stopwatch, **kwargs):
+    def __init__(self, *args, stopwatch: Stopwatch, meter, **kwargs):
         super().__init__(*args, **kwargs)
         self.stopwatch = stopwatch
+        self.meter = meter  # the engine's activation_meter: one micro-batch through this stage
 
     def forward_one_chunk(self, *args, **kwargs):
-        with self.stopwatch.timing():
+        with self.stopwatch.timing(), self.meter():
             return super().forward_one_chunk(*args, **kwargs)
 
     def backward_one_chunk(self, *args, **kwargs):
@@ -267,7 +268,8 @@ class MeshEngine(TorchEngine):
         psi = sum(local_tensor(p).numel() for p in self.params) * (dp if sharded else 1)
         return {"params_bytes": params, "grads_bytes": self._grad_bytes, "optimizer_bytes": optim,
                 "model_states_bytes": params + self._grad_bytes + optim,
-                **zero_formula(3 if sharded else 0, psi, dp if sharded else 1, 4, 4, 8)}
+                **zero_formula(3 if sharded else 0, psi, dp if sharded else 1, 4, 4, 8),
+                **self.activation_report(self.ctx.trainer)}
 
     def generation_model(self) -> nn.Module | None:
         return None  # the model is split; rank 0 samples from the gathered checkpoint weights
@@ -282,7 +284,8 @@ class PipelineEngine(MeshEngine):
         self.stopwatch = Stopwatch(ctx.device)
         pp_group = mesh["pp"].get_group()
         self.stages = [TimedStage(chunk, stage_index=s, num_stages=layout.n_stages, device=ctx.device,
-                                  group=pp_group, stopwatch=self.stopwatch)
+                                  group=pp_group, stopwatch=self.stopwatch,
+                                  meter=self.activation_meter if s == stage_ids[0] else contextlib.nullcontext)
                        for chunk, s in zip(chunks, stage_ids)]
         self.is_first = 0 in stage_ids
         self.is_last = layout.n_stages - 1 in stage_ids
@@ -343,6 +346,7 @@ def build(layout: Layout, model: Llama, ctx: EngineContext) -> MeshEngine:
     for chunk in chunks:
         if layout.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], layout.sequence_parallel)
+        prepare_blocks(chunk, ctx.trainer)
         if dp > 1:
             # Under a pipeline each microbatch would gather the weights again: keep them.
             apply_data_parallel(chunk, mesh["dp_replicate", "dp_shard"],

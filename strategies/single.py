@@ -27,7 +27,8 @@ def check(cfg: Config, job, topology: Topology) -> None:
 
 
 def build_engine(cfg: Config, model, ctx):
-    from strategies.base import TorchEngine, materialize
+    from strategies.base import TorchEngine, materialize, prepare_blocks
 
     model = materialize(model, ctx)
+    prepare_blocks(model, ctx.trainer)
     return TorchEngine(model, model, ctx)

@@ -20,6 +20,7 @@ from omegaconf import MISSING
 from orchestrator.config import JobConfig, OptimConfig, StrategyConfig, TrainerConfig
 from orchestrator.errors import ConfigError
 from orchestrator.topology import Topology
+from strategies.activations import MetersActivations
 
 # Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
 ALIGNMENT = True
@@ -154,7 +155,7 @@ def build_engine(cfg: Config, model, ctx) -> "ZeroEngine":
     return ZeroEngine(cfg, model, ctx)
 
 
-class ZeroEngine:
+class ZeroEngine(MetersActivations):
     """The Engine interface over a DeepSpeed engine."""
 
     def __init__(self, cfg: Config, model, ctx):
@@ -165,12 +166,13 @@ class ZeroEngine:
         compat.skip_op_probe()
 
         from orchestrator.optim import build_optimizer, build_scheduler
-        from strategies.base import materialize
+        from strategies.base import materialize, prepare_blocks
 
         self.cfg = cfg
         self.ctx = ctx
         self.stage = stage(cfg)
         model = materialize(model, ctx)
+        prepare_blocks(model, ctx.trainer)
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = build_optimizer(model, ctx.optim)
         scheduler = build_scheduler(optimizer, ctx.optim, ctx.max_steps)
@@ -207,7 +209,8 @@ class ZeroEngine:
         stats = []
         objective = self.ctx.loss_of
         for batch in micro_batches:
-            loss, extra = objective.loss(self.engine(batch[0]), batch)
+            with self.activation_meter():
+                loss, extra = objective.loss(self.engine(batch[0]), batch)
             stats.append(extra)
             self.engine.backward(loss)  # scaled by 1/accumulation steps inside
             if measure:  # the peak over the step's micro-batches: gradients are held now
@@ -346,7 +349,8 @@ class ZeroEngine:
         # DeepSpeed keeps an fp32 master partition whatever the working precision: K = 12.
         formula = zero_formula(self.stage, self.n_params, self.ctx.topology.dp, param_bytes, param_bytes, 12)
         formula_no_master = zero_formula(self.stage, self.n_params, self.ctx.topology.dp, param_bytes, param_bytes, 8)
-        return {**(self._memory or {}), **formula, "formula_bytes_without_master_copy": formula_no_master["formula_bytes"]}
+        return {**(self._memory or {}), **formula, "formula_bytes_without_master_copy": formula_no_master["formula_bytes"],
+                **self.activation_report(self.ctx.trainer)}
 
     def generation_model(self):
         # Stage 3 holds a slice of every weight; the trainer rebuilds a full model from its last checkpoint.

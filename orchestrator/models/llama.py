@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from orchestrator.tokens import IGNORE_INDEX
 
@@ -109,8 +110,17 @@ class Block(nn.Module):
         self.attn = Attention(args)
         self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.mlp = FeedForward(args)
+        # Activation checkpointing: while gradients are recorded, keep only the block's input and
+        # recompute the rest in the backward pass. A flag, not a wrapper module, so that the
+        # parameters keep their names (checkpoints, tensor-parallel plans, initial values).
+        self.checkpointed = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend=None) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, attend, use_reentrant=False)
+        return self._forward(x, cos, sin, attend)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend=None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, attend=attend)  # a keyword: tp hooks see 3 inputs
         return x + self.mlp(self.mlp_norm(x))
 
