@@ -188,7 +188,6 @@ class StrategyConfig:
 # The model's linear layers that LoRA can adapt (suffixes of module names).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output")
 # Strategies whose engines train a LoRA-adapted model (frozen base, trainable adapters).
-LORA_STRATEGIES = ("single", "ddp", "zero1", "zero2")
 
 
 @dataclass
@@ -439,21 +438,22 @@ def validate(job: JobConfig) -> None:
         raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
 
     validate_lora(job)
+    from orchestrator.plan import plan_of
 
     strategy = strategies.get(job.strategy.name)
-    topo = strategy.topology(job.strategy, c.num_workers)
-    strategy.check(job.strategy, job, topo)
-    topo.check_model(m.n_heads, m.n_kv_heads, m.n_layers, m.vocab_size)
-    per_step = t.micro_batch_size * topo.dp
+    plan = plan_of(job)
+    plan.check_model(m)
+    strategy.check(job.strategy, job, plan)
+    per_step = t.micro_batch_size * plan.dp
     if t.global_batch_size % per_step:
         raise ConfigError(
             "trainer.global_batch_size",
             f"{t.global_batch_size} is not divisible by trainer.micro_batch_size * data-parallel size "
-            f"= {t.micro_batch_size} * {topo.dp} = {per_step}",
+            f"= {t.micro_batch_size} * {plan.dp} = {per_step}",
         )
     from orchestrator.alignment.checks import validate_alignment
 
-    validate_alignment(job, topo.dp)
+    validate_alignment(job, plan.dp)
 
 
 def check_finite(obj: Any, prefix: str = "") -> None:
@@ -511,8 +511,10 @@ def validate_lora(job: JobConfig) -> None:
         raise ConfigError("finetune.lora.rank", f"must be >= 0 (0 disables LoRA), got {lora.rank}")
     if lora.rank == 0:
         return
-    if job.strategy.name not in LORA_STRATEGIES:
-        raise ConfigError("finetune.lora", f"LoRA runs with strategy {', '.join(LORA_STRATEGIES)}; "
+    import strategies
+
+    if not strategies.capable(job.strategy.name, "LORA"):
+        raise ConfigError("finetune.lora", f"LoRA runs with strategy {', '.join(strategies.able('LORA'))}; "
                                            f"not with {job.strategy.name!r}")
     if not job.model.init_from:
         raise ConfigError("finetune.lora", "LoRA adapts pretrained weights: set model.init_from to a run, "

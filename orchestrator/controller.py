@@ -26,6 +26,7 @@ from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData
 from orchestrator.errors import ConfigError, stop_signal
 from orchestrator.metrics import Sink, build_summary, read_history, write_status
+from orchestrator.plan import plan_of
 from orchestrator.storage import RunPlaces, Storage, places_of, without_credentials
 from orchestrator.worker_group import WorkerFailure, WorkerGroup
 
@@ -80,6 +81,7 @@ class JobController:
         places: RunPlaces | None = None,
     ):
         self.job = job
+        self.plan = plan_of(job)  # built once, here on the driver, and handed to every rank
         self.places = places or places_of(job)
         self.run_id: str | None = None
         self.make_group = make_group
@@ -226,7 +228,7 @@ class JobController:
                         if self.sinks_started:  # a restart: forget the steps after the checkpoint
                             for sink in self.sinks:
                                 sink.rewind(resume_step, self.history)
-                        group.setup(job, places, self.run_id, data, resume_from)
+                        group.setup(job, self.plan, places, self.run_id, data, resume_from)
                         self.mark("workers_ready")
                         self._to(JobState.RUNNING)
                         group.start_training()

@@ -57,12 +57,13 @@ META = "meta.json"  # written last: a folder with it is complete
 
 
 def _files_digest(paths: list[Path]) -> str:
+    from orchestrator.storage import hash_stream
+
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
         with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            hash_stream(f, h)
     return h.hexdigest()
 
 
@@ -175,8 +176,11 @@ def check_prepared(cfg: DataConfig, storage_options: dict | None, model) -> None
     if model.init_from:
         from orchestrator import pretrained
 
-        own = Path(pretrained.locate(model.init_from).tokenizer_path).read_bytes()
-        if hashlib.sha256(own).hexdigest() != manifest.get("tokenizer_sha256"):
+        from orchestrator.storage import hash_stream
+
+        with open(pretrained.locate(model.init_from).tokenizer_path, "rb") as f:
+            own = hash_stream(f).hexdigest()
+        if own != manifest.get("tokenizer_sha256"):
             raise ConfigError("data.path", f"{cfg.path} was tokenized with another tokenizer than model.init_from's; "
                                            f"prepare it with prepare.tokenize.tokenizer=<that tokenizer.json>")
 

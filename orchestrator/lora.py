@@ -92,7 +92,3 @@ def merge(base: dict, adapters: dict, rank: int, alpha: float) -> dict:
     return out
 
 
-def trainable_fraction(model: nn.Module) -> tuple[int, int]:
-    """(trainable parameters, all parameters)."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -115,6 +115,9 @@ def _huggingface(path: str, root: Path) -> Pretrained:
     arch = {ours: cfg[hf] for ours, hf in HF_FIELDS.items() if hf in cfg}
     arch.setdefault("n_kv_heads", arch.get("n_heads"))
     arch.setdefault("tie_embeddings", False)
+    # The context the weights were trained for; not checked against model.max_seq_len (a job may
+    # train on shorter sequences), and what serving the directory allows.
+    arch["max_seq_len"] = cfg.get("max_position_embeddings", 2048)
     head_dim = cfg.get("head_dim")
     if head_dim and head_dim * arch["n_heads"] != arch["dim"]:
         raise ConfigError(KEY, f"{path}: head_dim {head_dim} * heads {arch['n_heads']} != hidden size {arch['dim']}")

@@ -17,7 +17,8 @@ import strategies
 from orchestrator import checkpoint, memory
 from orchestrator.config import JobConfig
 from orchestrator.data import BlockSampler, PreparedData, open_blocks
-from orchestrator.models import Llama, LlamaArgs, num_params
+from orchestrator.models import Llama, LlamaArgs, llama_args, num_params
+from orchestrator.plan import Plan
 from orchestrator.storage import RunPlaces, Storage
 from orchestrator.tokens import EOS
 from strategies.base import EngineContext
@@ -26,12 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def model_args(job: JobConfig) -> LlamaArgs:
-    m = job.model
-    return LlamaArgs(
-        vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-        ffn_dim=m.ffn_dim, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-        tie_embeddings=m.tie_embeddings, init_std=m.init_std,
-    )
+    return llama_args(job.model)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -63,15 +59,16 @@ class TrainOutcome:
 
 
 class Trainer:
-    def __init__(self, job: JobConfig, places: RunPlaces, run_id: str, rank: int, world_size: int,
+    def __init__(self, job: JobConfig, plan: Plan, places: RunPlaces, run_id: str, rank: int,
                  device: torch.device, data: PreparedData, resume_from: Storage | None):
+        """``plan``: the layout the driver built and validated (orchestrator.plan)."""
         self.job = job
         self.rank = rank
         self.device = device
         self.run_id = run_id
         self._publisher = None  # the direct weight sync to an inference pool, made at the first publish
         strategy = strategies.get(job.strategy.name)
-        self.topology = strategy.topology(job.strategy, world_size)
+        self.plan = plan
         torch.manual_seed(job.seed)
         with torch.device("meta"):
             model = Llama(model_args(job))
@@ -79,7 +76,7 @@ class Trainer:
         from orchestrator.alignment.losses import objective_of
 
         ctx = EngineContext(
-            topology=self.topology, rank=rank, device=device,
+            plan=plan, rank=rank, device=device,
             precision=resolve_precision(job.precision, device), optim=job.optim,
             trainer=job.trainer, seed=job.seed, lora=job.finetune.lora if job.finetune.lora.rank else None,
             objective=objective_of(job.alignment),
@@ -89,7 +86,7 @@ class Trainer:
         self.n_trainable = (sum(p.numel() for p in trained.parameters() if p.requires_grad) if trained is not None
                             else self.n_params)
         self.blocks = open_blocks(data, job.data.seq_len, job.data.val_fraction)
-        dp, dp_rank = self.topology.dp, self.topology.dp_rank(rank)
+        dp, dp_rank = self.plan.dp, self.plan.dp_rank(rank)
         self.grpo = None
         if job.alignment.method == "grpo":  # the sampler draws prompts: global_batch_size / group_size per step
             from orchestrator.alignment.grpo import GRPOStep
@@ -152,10 +149,10 @@ class Trainer:
         from orchestrator.alignment.losses import pair_logps
 
         blocks, mb = self.blocks, self.job.trainer.micro_batch_size
-        n, dp = blocks.n_total, self.topology.dp
+        n, dp = blocks.n_total, self.plan.dp
         per = -(-n // dp)
         per = -(-per // mb) * mb  # every rank runs the same number of forwards (zero3's are collective)
-        start = self.topology.dp_rank(self.rank) * per
+        start = self.plan.dp_rank(self.rank) * per
         rows = np.minimum(np.arange(start, start + per), n - 1)
         parts = []
         for i in range(0, per, mb):
@@ -205,7 +202,7 @@ class Trainer:
         in the background (trainer.checkpoint_async) or now."""
         counters = self.engine.counters()
         self.checkpointer.save(self.step, self._state(), checkpoint.TrainerState(
-            step=self.step, sampler=self.sampler.state_dict(), world_size=self.topology.world_size,
+            step=self.step, sampler=self.sampler.state_dict(), world_size=self.plan.world_size,
             strategy=self.job.strategy.name, optimizer_step=counters["optimizer_step"],
             scheduler=counters["scheduler"], run_id=self.run_id))
 
@@ -214,9 +211,9 @@ class Trainer:
         as it fills (every rank runs the same number of micro-batches). Exact match is reported
         for SFT data, whose targets are reference answers."""
         t = self.job.trainer
-        chunk = t.micro_batch_size * self.topology.dp
+        chunk = t.micro_batch_size * self.plan.dp
         per_rank = (self.blocks.n_val // chunk) * t.micro_batch_size
-        start = self.topology.dp_rank(self.rank) * per_rank
+        start = self.plan.dp_rank(self.rank) * per_rank
         ids = list(range(start, start + per_rank))
         batches = [tuple(b.to(self.device) for b in self.blocks.batch(ids[i : i + t.micro_batch_size], split="val"))
                    for i in range(0, per_rank, t.micro_batch_size)]
@@ -338,7 +335,7 @@ class Trainer:
 
     @property
     def can_evaluate(self) -> bool:
-        return self.blocks.n_val >= self.job.trainer.micro_batch_size * self.topology.dp
+        return self.blocks.n_val >= self.job.trainer.micro_batch_size * self.plan.dp
 
     def sample(self, tokenizer_path: str, prompt: str, max_new_tokens: int, temperature: float = 0.8) -> str:
         from tokenizers import Tokenizer

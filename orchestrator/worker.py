@@ -104,7 +104,7 @@ class TrainWorker:
                                           f"{type(exc).__name__}: {exc}"))
         return problems
 
-    def setup(self, job: JobConfig, places: RunPlaces, run_id: str, resume_from: Storage | None, master_addr: str,
+    def setup(self, job: JobConfig, plan, places: RunPlaces, run_id: str, resume_from: Storage | None, master_addr: str,
               master_port: int, device_type: str, timeout_s: float, local: tuple[int, int] | None = None) -> int:
         """After check_access. ``local``: (this rank's index among the job's ranks on its node, their
         number), given when the rank's process is to be bound to cores of its own (CPU ranks only)."""
@@ -132,7 +132,7 @@ class TrainWorker:
                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s),
             )
         self.tokenizer_path = self.data.tokenizer_path
-        self.trainer = Trainer(job, places, run_id, self.rank, self.world_size, device, self.data, resume_from)
+        self.trainer = Trainer(job, plan, places, run_id, self.rank, device, self.data, resume_from)
         return self.trainer.step
 
     def train(self):

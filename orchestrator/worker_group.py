@@ -13,6 +13,7 @@ from typing import Protocol
 from orchestrator.config import ClusterConfig, JobConfig
 from orchestrator.data import PreparedData
 from orchestrator.errors import ConfigError
+from orchestrator.plan import Plan
 from orchestrator.storage import RunPlaces, Storage
 
 
@@ -25,7 +26,7 @@ class WorkerFailure(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    def setup(self, job: JobConfig, places: RunPlaces, run_id: str, data: PreparedData,
+    def setup(self, job: JobConfig, plan: Plan, places: RunPlaces, run_id: str, data: PreparedData,
               resume_from: Storage | None) -> int:
         """Check that every rank reaches the data and storage (ConfigError naming the key, node
         and path if not), rendezvous and build every rank's trainer, restored from the checkpoint
@@ -89,7 +90,7 @@ class RayWorkerGroup:
         except (RayActorError, RayTaskError) as exc:
             raise WorkerFailure(f"{what} failed: {exc}") from exc
 
-    def setup(self, job: JobConfig, places: RunPlaces, run_id: str, data: PreparedData,
+    def setup(self, job: JobConfig, plan: Plan, places: RunPlaces, run_id: str, data: PreparedData,
               resume_from: Storage | None) -> int:
         timeout = self.cluster.start_timeout_s
         if not self.pg.wait(timeout_seconds=int(timeout)):
@@ -105,7 +106,7 @@ class RayWorkerGroup:
         addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous", timeout)
         local = self._local_ranks() if self._binds_cores() else [None] * self.world_size
         steps = self._get(
-            [a.setup.remote(job, places, run_id, resume_from, addr, port, self.device_type,
+            [a.setup.remote(job, plan, places, run_id, resume_from, addr, port, self.device_type,
                             self.cluster.collective_timeout_s, local[rank])
              for rank, a in enumerate(self.actors)],
             "worker setup (cluster.setup_timeout_s)", self.cluster.setup_timeout_s,

@@ -2,13 +2,14 @@
 
 A strategy module exposes:
   Config                          a dataclass subclassing orchestrator.config.StrategyConfig
-  topology(cfg, world_size)       the validated Topology it needs (raises ConfigError)
-  check(cfg, job, topology)       any further validation that needs the rest of the job
+  plan(cfg, world_size)           the validated orchestrator.plan.Plan it runs (raises ConfigError)
+  check(cfg, job, plan)           any further validation that needs the rest of the job
   build_engine(cfg, model, ctx)   turns a meta-device model into an Engine
+  ALIGNMENT, LORA                 its capabilities (see ``capable``)
 The controller and workers only ever go through ``get(name)``.
 
 Strategy files import torch (and DeepSpeed) inside ``build_engine``, not at the
-top: the driver reads their Config and topology to validate a job, and does not
+top: the driver reads their Config and plan to validate a job, and does not
 pay for importing torch before it starts the cluster.
 """
 from __future__ import annotations
@@ -38,6 +39,19 @@ def get(name: str) -> ModuleType:
 
         raise ConfigError("strategy", f"unknown strategy {name!r}; allowed: {', '.join(names())}")
     return importlib.import_module(_MODULES[name])
+
+
+def capable(name: str, capability: str) -> bool:
+    """Whether strategy ``name`` has a capability its module declares: ``ALIGNMENT`` (trains the
+    alignment objectives) or ``LORA`` (trains LoRA adapters). A module serving several names
+    declares a bool for all of them or the tuple of the names that have it."""
+    value = getattr(get(name), capability)
+    return name in value if isinstance(value, tuple) else bool(value)
+
+
+def able(capability: str) -> list[str]:
+    """The strategies with the capability."""
+    return [n for n in names() if capable(n, capability)]
 
 
 def config_classes() -> dict[str, type]:

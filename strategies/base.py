@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from orchestrator.config import OptimConfig, TrainerConfig
 from orchestrator.optim import build_optimizer, build_scheduler
-from orchestrator.topology import Topology
+from orchestrator.plan import Plan
 from strategies.activations import MetersActivations, prepare_blocks  # noqa: F401  (strategies import them here)
 
 # (input ids, target ids), both (B, T), then whatever the job's objective needs besides
@@ -28,7 +28,7 @@ Batch = tuple[torch.Tensor, ...]
 class EngineContext:
     """What a strategy needs besides its own options and the model."""
 
-    topology: Topology
+    plan: Plan
     rank: int
     device: torch.device
     precision: str  # fp32 | bf16 (already resolved from auto)

@@ -4,10 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.config import StrategyConfig
-from orchestrator.topology import Topology
+from orchestrator.plan import Plan
 
 # Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
 ALIGNMENT = True
+# Capability: LoRA adapters on a frozen model (finetune.lora).
+LORA = True
 
 
 @dataclass
@@ -18,12 +20,12 @@ class Config(StrategyConfig):
     static_graph: bool = False
 
 
-def topology(cfg: Config, world_size: int) -> Topology:
-    return Topology.data_parallel(world_size)
+def plan(cfg: Config, world_size: int) -> Plan:
+    return Plan(world_size)
 
 
-def check(cfg: Config, job, topology: Topology) -> None:
-    """Nothing beyond the topology to check."""
+def check(cfg: Config, job, plan: Plan) -> None:
+    """Nothing beyond the plan to check."""
 
 
 def build_engine(cfg: Config, model, ctx):

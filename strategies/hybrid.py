@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.config import StrategyConfig
-from strategies.layout import Layout, build_engine, check, topology  # noqa: F401  (the strategy interface)
+from orchestrator.plan import Plan
+from strategies.layout import build_engine, check, plan  # noqa: F401  (the strategy interface)
 
 # Capability: alignment objectives (DPO, GRPO) need whole logits per micro-batch; not on this mesh.
 ALIGNMENT = False
+# Capability: LoRA adapters on a frozen model (finetune.lora).
+LORA = False
 
 
 @dataclass
@@ -26,7 +29,7 @@ class Config(StrategyConfig):
     microbatches: int = 4
     virtual_stages: int = 1
 
-    def layout(self, world_size: int) -> Layout:
-        return Layout(world_size=world_size, tp=self.tp, pp=self.pp, sequence_parallel=self.sequence_parallel,
+    def plan_for(self, world_size: int) -> Plan:
+        return Plan(world_size=world_size, tp=self.tp, pp=self.pp, sequence_parallel=self.sequence_parallel,
                       data_parallel=self.data_parallel, schedule=self.schedule, microbatches=self.microbatches,
                       virtual_stages=self.virtual_stages)

@@ -1,11 +1,11 @@
 """Tensor, pipeline and data parallel over one named device mesh (the tp, pp and hybrid strategies).
 
 Each job is left to the torch library that does it:
-  tensor parallel   DTensor's parallelize_module with Megatron's layout, loss_parallel
+  tensor parallel   DTensor's parallelize_module with Megatron's plan, loss_parallel
   pipeline          torch.distributed.pipelining stages and schedules
   data parallel     FSDP2's fully_shard over the data-parallel mesh dimensions: sharded
                     (FSDP, ZeRO-3-like) or replicated (HSDP with a shard group of one, DDP-like)
-The mesh is (pp, dp_replicate, dp_shard, tp), tp fastest, matching Topology.dp_rank.
+The mesh is (pp, dp_replicate, dp_shard, tp), tp fastest, matching Plan.dp_rank (orchestrator.plan).
 Order of application (torchtitan's): split pipeline stages, then tensor parallel on each
 stage, then data-parallel sharding, then materialize and initialize.
 """
@@ -33,7 +33,7 @@ from strategies.base import (
     Batch, EngineContext, StepResult, TorchEngine, autocast, full_value, local_tensor, mean_over_group,
     optimizer_state_bytes, prepare_blocks, tensor_bytes, zero_formula,
 )
-from strategies.layout import Layout
+from orchestrator.plan import Plan
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -43,24 +43,21 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 
-def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
-    dp = layout.world_size // (layout.tp * layout.pp)
-    shard = layout.data_parallel == "shard"
-    shape = (layout.pp, 1 if shard else dp, dp if shard else 1, layout.tp)
-    return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
+    return init_device_mesh(device.type, plan.mesh_shape, mesh_dim_names=MESH_DIMS)
 
 
-def stage_module(model: Llama, layout: Layout, stage: int) -> Llama:
+def stage_module(model: Llama, plan: Plan, stage: int) -> Llama:
     """A meta-device copy of ``model`` with only pipeline stage ``stage``'s parts: its layers,
     the embedding on the first stage, the final norm and output layer on the last."""
     with torch.device("meta"):
         chunk = Llama(model.args)
-    keep = {str(i) for i in layout.stage_layers(stage, model.args.n_layers)}
+    keep = {str(i) for i in plan.stage_layers(stage, model.args.n_layers)}
     for key in [k for k in chunk.layers if k not in keep]:
         del chunk.layers[key]
     if stage != 0:
         chunk.tok_embeddings = None
-    if stage != layout.n_stages - 1:
+    if stage != plan.n_stages - 1:
         chunk.norm = None
         chunk.output = None
     return chunk
@@ -197,14 +194,14 @@ class MeshEngine(TorchEngine):
     checkpoint entries are its parameters and moments as they are: DTensors (each rank's shard)
     or, under a pipeline, the plain tensors of its stages."""
 
-    def __init__(self, chunks: list[Llama], stage_ids: list[int], layout: Layout, mesh: DeviceMesh,
+    def __init__(self, chunks: list[Llama], stage_ids: list[int], plan: Plan, mesh: DeviceMesh,
                  ctx: EngineContext):
-        self.layout = layout
+        self.plan = plan
         self.mesh = mesh
         self.chunks = chunks
         self.stage_ids = stage_ids
-        self.pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
-        no_sync = self._no_sync if layout.world_size // (layout.tp * layout.pp) > 1 else contextlib.nullcontext
+        self.pp_group = mesh["pp"].get_group() if plan.pp > 1 else None
+        no_sync = self._no_sync if plan.dp > 1 else contextlib.nullcontext
         super().__init__(chunks[0], nn.ModuleList(chunks), ctx, dp_group=dist.group.WORLD, no_sync=no_sync)
 
     @contextlib.contextmanager
@@ -218,7 +215,7 @@ class MeshEngine(TorchEngine):
                 chunk.set_requires_gradient_sync(True)
 
     def loss_context(self) -> ContextManager:
-        return loss_parallel() if self.layout.tp > 1 else contextlib.nullcontext()
+        return loss_parallel() if self.plan.tp > 1 else contextlib.nullcontext()
 
     def clip_gradients(self) -> torch.Tensor:
         return clip_grad_norm(self.params, self.ctx.optim.grad_clip, self.pp_group)
@@ -232,7 +229,7 @@ class MeshEngine(TorchEngine):
         """Whole weights on rank 0 (collective): each stage's tensors are made whole on its
         pipeline rank, whose first rank sends them to rank 0."""
         weights = {name: full_value(p.detach()) for name, p in self._named()}
-        if self.layout.pp > 1:
+        if self.plan.pp > 1:
             self._gather_stages_to_rank0(weights)
         return weights
 
@@ -240,12 +237,12 @@ class MeshEngine(TorchEngine):
         """Sends every stage's full tensors from its pipeline rank's first rank to global rank 0,
         in an order all ranks derive from the model's structure."""
         rank = dist.get_rank()
-        per_pp_rank = self.layout.world_size // self.layout.pp
-        for stage in range(self.layout.n_stages):
-            leader = (stage % self.layout.pp) * per_pp_rank
+        per_pp_rank = self.plan.ranks_per_pipeline_rank
+        for stage in range(self.plan.n_stages):
+            leader = (stage % self.plan.pp) * per_pp_rank
             if leader == 0 or rank not in (0, leader):
                 continue
-            for name, p in stage_module(self.chunks[0], self.layout, stage).named_parameters():
+            for name, p in stage_module(self.chunks[0], self.plan, stage).named_parameters():
                 if rank == leader:
                     dist.send(weights[name].contiguous(), dst=0)
                 else:
@@ -261,8 +258,7 @@ class MeshEngine(TorchEngine):
     def memory_report(self) -> dict:
         params = tensor_bytes(self.params)
         optim = optimizer_state_bytes(self.optimizer)
-        dp = self.layout.world_size // (self.layout.tp * self.layout.pp)
-        sharded = self.layout.data_parallel == "shard" and dp > 1
+        dp, sharded = self.plan.dp, self.plan.sharded
         # Ψ here is this rank's model-parallel slice (1/(tp*pp) of the model, roughly);
         # sharded data parallel divides it by dp like ZeRO-3, replicated keeps all of it.
         psi = sum(local_tensor(p).numel() for p in self.params) * (dp if sharded else 1)
@@ -279,19 +275,19 @@ class PipelineEngine(MeshEngine):
     """A pipeline step: the rank's local batch is split into ``microbatches`` by the schedule,
     which runs forward and backward through the stages; then clipping and the optimizer step."""
 
-    def __init__(self, chunks, stage_ids, layout, mesh, ctx):
-        super().__init__(chunks, stage_ids, layout, mesh, ctx)
+    def __init__(self, chunks, stage_ids, plan, mesh, ctx):
+        super().__init__(chunks, stage_ids, plan, mesh, ctx)
         self.stopwatch = Stopwatch(ctx.device)
         pp_group = mesh["pp"].get_group()
-        self.stages = [TimedStage(chunk, stage_index=s, num_stages=layout.n_stages, device=ctx.device,
+        self.stages = [TimedStage(chunk, stage_index=s, num_stages=plan.n_stages, device=ctx.device,
                                   group=pp_group, stopwatch=self.stopwatch,
                                   meter=self.activation_meter if s == stage_ids[0] else contextlib.nullcontext)
                        for chunk, s in zip(chunks, stage_ids)]
         self.is_first = 0 in stage_ids
-        self.is_last = layout.n_stages - 1 in stage_ids
-        cls = SCHEDULE_CLASSES[layout.schedule]
+        self.is_last = plan.n_stages - 1 in stage_ids
+        cls = SCHEDULE_CLASSES[plan.schedule]
         stages = self.stages if cls is ScheduleInterleaved1F1B else self.stages[0]
-        self.schedule = cls(stages, n_microbatches=layout.microbatches, loss_fn=self._loss)
+        self.schedule = cls(stages, n_microbatches=plan.microbatches, loss_fn=self._loss)
 
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with self.stopwatch.timing():
@@ -313,7 +309,7 @@ class PipelineEngine(MeshEngine):
         # Only the last stage's ranks hold the loss: the sum over the world divided by their number.
         value = local.clone()
         dist.all_reduce(value)
-        return value / (self.layout.world_size // self.layout.pp)
+        return value / self.plan.ranks_per_pipeline_rank
 
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -330,7 +326,7 @@ class PipelineEngine(MeshEngine):
         bubble = mean_over_group(idle, dist.group.WORLD)
         return StepResult(loss=float(loss), grad_norm=float(grad_norm), lr=lr,
                           extra={"pipeline.bubble_fraction": bubble,
-                                 "pipeline.theoretical_bubble_fraction": self.layout.theoretical_bubble()})
+                                 "pipeline.theoretical_bubble_fraction": self.plan.theoretical_bubble()})
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[Batch]) -> dict[str, float]:
@@ -338,19 +334,18 @@ class PipelineEngine(MeshEngine):
         return {"val_loss": float(self._run(self.schedule.eval, micro_batches))}
 
 
-def build(layout: Layout, model: Llama, ctx: EngineContext) -> MeshEngine:
-    mesh = build_mesh(layout, ctx.device)
-    dp = layout.world_size // (layout.tp * layout.pp)
-    stage_ids = layout.stage_ids(mesh["pp"].get_local_rank()) if layout.pp > 1 else [0]
-    chunks = [stage_module(model, layout, s) for s in stage_ids] if layout.pp > 1 else [model]
+def build(plan: Plan, model: Llama, ctx: EngineContext) -> MeshEngine:
+    mesh = build_mesh(plan, ctx.device)
+    stage_ids = plan.stage_ids(mesh["pp"].get_local_rank()) if plan.pp > 1 else [0]
+    chunks = [stage_module(model, plan, s) for s in stage_ids] if plan.pp > 1 else [model]
     for chunk in chunks:
-        if layout.tp > 1:
-            apply_tensor_parallel(chunk, mesh["tp"], layout.sequence_parallel)
+        if plan.tp > 1:
+            apply_tensor_parallel(chunk, mesh["tp"], plan.sequence_parallel)
         prepare_blocks(chunk, ctx.trainer)
-        if dp > 1:
+        if plan.dp > 1:
             # Under a pipeline each microbatch would gather the weights again: keep them.
             apply_data_parallel(chunk, mesh["dp_replicate", "dp_shard"],
-                                reshard_after_forward=layout.data_parallel == "shard" and layout.pp == 1)
+                                reshard_after_forward=plan.data_parallel == "shard" and plan.pp == 1)
         materialize(chunk, ctx.device, ctx.seed)
-    engine_cls = PipelineEngine if layout.pp > 1 else MeshEngine
-    return engine_cls(chunks, stage_ids, layout, mesh, ctx)
+    engine_cls = PipelineEngine if plan.pp > 1 else MeshEngine
+    return engine_cls(chunks, stage_ids, plan, mesh, ctx)

@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.config import StrategyConfig
-from strategies.layout import Layout, build_engine, check, topology  # noqa: F401  (the strategy interface)
+from orchestrator.plan import Plan
+from strategies.layout import build_engine, check, plan  # noqa: F401  (the strategy interface)
 
 # Capability: alignment objectives (DPO, GRPO) need whole logits per micro-batch; not on this mesh.
 ALIGNMENT = False
+# Capability: LoRA adapters on a frozen model (finetune.lora).
+LORA = False
 
 
 @dataclass
@@ -21,6 +24,6 @@ class Config(StrategyConfig):
     virtual_stages: int = 1  # stages per rank; > 1 with interleaved_1f1b
     data_parallel: str = "replicate"  # replicate | shard, across world_size / pp ranks
 
-    def layout(self, world_size: int) -> Layout:
-        return Layout(world_size=world_size, pp=self.pp, schedule=self.schedule, microbatches=self.microbatches,
+    def plan_for(self, world_size: int) -> Plan:
+        return Plan(world_size=world_size, pp=self.pp, schedule=self.schedule, microbatches=self.microbatches,
                       virtual_stages=self.virtual_stages, data_parallel=self.data_parallel)

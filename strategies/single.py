@@ -5,10 +5,12 @@ from dataclasses import dataclass
 
 from orchestrator.config import StrategyConfig
 from orchestrator.errors import ConfigError
-from orchestrator.topology import Topology
+from orchestrator.plan import Plan
 
 # Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
 ALIGNMENT = True
+# Capability: LoRA adapters on a frozen model (finetune.lora).
+LORA = True
 
 
 @dataclass
@@ -16,14 +18,14 @@ class Config(StrategyConfig):
     name: str = "single"
 
 
-def topology(cfg: Config, world_size: int) -> Topology:
+def plan(cfg: Config, world_size: int) -> Plan:
     if world_size != 1:
         raise ConfigError("cluster.num_workers", f"strategy=single runs on exactly 1 worker, got {world_size}")
-    return Topology(world_size=1)
+    return Plan(world_size=1)
 
 
-def check(cfg: Config, job, topology: Topology) -> None:
-    """Nothing beyond the topology to check."""
+def check(cfg: Config, job, plan: Plan) -> None:
+    """Nothing beyond the plan to check."""
 
 
 def build_engine(cfg: Config, model, ctx):

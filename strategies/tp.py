@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.config import StrategyConfig
-from strategies.layout import Layout, build_engine, check, topology  # noqa: F401  (the strategy interface)
+from orchestrator.plan import Plan
+from strategies.layout import build_engine, check, plan  # noqa: F401  (the strategy interface)
 
 # Capability: alignment objectives (DPO, GRPO) need whole logits per micro-batch; not on this mesh.
 ALIGNMENT = False
+# Capability: LoRA adapters on a frozen model (finetune.lora).
+LORA = False
 
 
 @dataclass
@@ -24,6 +27,6 @@ class Config(StrategyConfig):
     sequence_parallel: bool = False
     data_parallel: str = "replicate"  # replicate | shard, across world_size / tp ranks
 
-    def layout(self, world_size: int) -> Layout:
-        return Layout(world_size=world_size, tp=self.tp, sequence_parallel=self.sequence_parallel,
+    def plan_for(self, world_size: int) -> Plan:
+        return Plan(world_size=world_size, tp=self.tp, sequence_parallel=self.sequence_parallel,
                       data_parallel=self.data_parallel)

@@ -19,11 +19,13 @@ from omegaconf import MISSING
 
 from orchestrator.config import JobConfig, OptimConfig, StrategyConfig, TrainerConfig
 from orchestrator.errors import ConfigError
-from orchestrator.topology import Topology
+from orchestrator.plan import Plan
 from strategies.activations import MetersActivations
 
 # Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
 ALIGNMENT = True
+# Capability: LoRA adapters on a frozen model (finetune.lora).
+LORA = ("zero1", "zero2")  # not zero3
 
 OFFLOAD_CHOICES = ("none", "cpu")
 
@@ -46,7 +48,7 @@ def stage(cfg: Config) -> int:
     return int(cfg.name[-1])
 
 
-def topology(cfg: Config, world_size: int) -> Topology:
+def plan(cfg: Config, world_size: int) -> Plan:
     if cfg.name not in ("zero1", "zero2", "zero3"):
         raise ConfigError("strategy.name", f"{cfg.name!r} is not a ZeRO strategy; allowed: zero1, zero2, zero3")
     for key in ("offload_optimizer", "offload_params"):
@@ -62,12 +64,12 @@ def topology(cfg: Config, world_size: int) -> Topology:
         raise ConfigError("strategy.allgather_bucket_size", "applies to zero1 and zero2; zero3 uses prefetch_bucket_size")
     if cfg.prefetch_bucket_size is not None and stage(cfg) != 3:
         raise ConfigError("strategy.prefetch_bucket_size", f"applies to zero3, not {cfg.name}")
-    return Topology.data_parallel(world_size)
+    return Plan(world_size)
 
 
-def check(cfg: Config, job: JobConfig, topo: Topology) -> None:
+def check(cfg: Config, job: JobConfig, plan: Plan) -> None:
     """Builds the merged DeepSpeed config once on the driver, so conflicts fail before workers start."""
-    deepspeed_config(cfg, job.trainer, job.optim, topo.dp, None if job.precision == "auto" else job.precision)
+    deepspeed_config(cfg, job.trainer, job.optim, plan.dp, None if job.precision == "auto" else job.precision)
 
 
 # Where each key of the implied DeepSpeed config comes from, for error messages.
@@ -176,7 +178,7 @@ class ZeroEngine(MetersActivations):
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = build_optimizer(model, ctx.optim)
         scheduler = build_scheduler(optimizer, ctx.optim, ctx.max_steps)
-        ds_cfg = deepspeed_config(cfg, ctx.trainer, ctx.optim, ctx.topology.dp, ctx.precision)
+        ds_cfg = deepspeed_config(cfg, ctx.trainer, ctx.optim, ctx.plan.dp, ctx.precision)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False,
         )
@@ -347,8 +349,8 @@ class ZeroEngine(MetersActivations):
 
         param_bytes = 2 if self.ctx.precision == "bf16" else 4
         # DeepSpeed keeps an fp32 master partition whatever the working precision: K = 12.
-        formula = zero_formula(self.stage, self.n_params, self.ctx.topology.dp, param_bytes, param_bytes, 12)
-        formula_no_master = zero_formula(self.stage, self.n_params, self.ctx.topology.dp, param_bytes, param_bytes, 8)
+        formula = zero_formula(self.stage, self.n_params, self.ctx.plan.dp, param_bytes, param_bytes, 12)
+        formula_no_master = zero_formula(self.stage, self.n_params, self.ctx.plan.dp, param_bytes, param_bytes, 8)
         return {**(self._memory or {}), **formula, "formula_bytes_without_master_copy": formula_no_master["formula_bytes"],
                 **self.activation_report(self.ctx.trainer)}
 

@@ -27,7 +27,7 @@ class FakeGroup:
         self.step = start_step
         self.log.append(("create", self.index))
 
-    def setup(self, job, places, run_id, data, resume_from):
+    def setup(self, job, plan, places, run_id, data, resume_from):
         self.log.append(("setup", self.index, job.run.resume))
         return self.step
 

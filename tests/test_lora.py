@@ -13,7 +13,7 @@ from orchestrator.config import LoraConfig, compose
 from orchestrator.errors import ConfigError
 from orchestrator.export import export
 from orchestrator.job import run_job
-from orchestrator.models import Llama, LlamaArgs
+from orchestrator.models import Llama, llama_args
 from orchestrator.synthetic import reverse_words, write_jsonl
 from tests.conftest import assert_losses_close, parity_overrides, single_run
 
@@ -70,8 +70,7 @@ def test_export_merges_adapters(tmp_path_factory, data_cache, base_run, sft_file
     run_dir, _ = single_lora(tmp_path_factory, data_cache, base_run, sft_file)
     export(str(run_dir), tmp_path / "hf")
     job = json.loads((run_dir / "job.json").read_text())
-    args = LlamaArgs(**{k: job["model"][k] for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
-                                                     "ffn_dim", "max_seq_len")})
+    args = llama_args(job["model"])
     # The adapted model (base from the run's init_from, adapters from its checkpoint)...
     adapted = lora.apply(Llama(args), LoraConfig(**job["finetune"]["lora"]), seed=0)
     base = dcp.read_full(checkpoint.latest(checkpoint.in_run(base_run)).root, {}, "model.")

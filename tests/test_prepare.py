@@ -6,9 +6,7 @@ training job reads the shards (locally and from an object store) to the same los
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -14,9 +14,8 @@ def validate_alignment(job, dp: int) -> None:
         if d.format == "preference":
             raise ConfigError("data.format", "preference pairs train with alignment.method=dpo (+experiment=dpo)")
         return
-    strategy = strategies.get(job.strategy.name)
-    if not strategy.ALIGNMENT:
-        able = [n for n in strategies.names() if strategies.get(n).ALIGNMENT]
+    if not strategies.capable(job.strategy.name, "ALIGNMENT"):
+        able = strategies.able("ALIGNMENT")
         raise ConfigError("alignment.method", f"{a.method} runs with strategy {', '.join(able)}; "
                                               f"not with {job.strategy.name!r}")
     if not job.model.init_from:

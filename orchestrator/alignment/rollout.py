@@ -56,9 +56,8 @@ def start_pool(job, run_id: str):
 
     from orchestrator import pretrained
     from orchestrator.inference.pool import Pool
-    from orchestrator.inference.replica import model_shape
     from orchestrator.inference.weights import expected_shapes
-    from orchestrator.models import Llama, LlamaArgs
+    from orchestrator.models import Llama, llama_args
 
     r = job.alignment.rollout
     need = cpus_needed(job)
@@ -71,7 +70,7 @@ def start_pool(job, run_id: str):
                           "Lower the replicas, set alignment.rollout.colocate=true, or add CPUs")
     cfg = serve_config(job, run_id)
     with torch.device("meta"):
-        expected = expected_shapes(Llama(LlamaArgs(**model_shape(pretrained.locate(job.model.init_from)))))
+        expected = expected_shapes(Llama(llama_args(pretrained.locate(job.model.init_from).arch)))
     pool = Pool(cfg, expected, num_cpus=0 if r.colocate else None)
     try:
         pool.wait_ready(r.start_timeout_s)

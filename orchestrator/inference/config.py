@@ -88,16 +88,16 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("inference.token", f"binding to {i.host} (not loopback) needs a bearer token: set "
                                              "inference.token or FORGELINE_SERVE_TOKEN")
     pre = pretrained.locate(cfg.checkpoint)
-    from orchestrator.inference.replica import model_shape
     from orchestrator.inference.types import kv_bytes_per_token
+    from orchestrator.models import llama_args
 
-    shape = model_shape(pre)
+    shape = llama_args(pre.arch)
     if i.tp > 1:
-        bad = {k: shape[k] for k in ("n_heads", "n_kv_heads", "ffn_dim") if shape[k] % i.tp}
+        bad = {k: getattr(shape, k) for k in ("n_heads", "n_kv_heads", "ffn_dim") if getattr(shape, k) % i.tp}
         if bad:
             raise ConfigError("inference.tp", f"must divide the model's {', '.join(f'{k}={v}' for k, v in bad.items())}"
                                               f"; got {i.tp}")
-    max_seq_len = shape["max_seq_len"]
+    max_seq_len = shape.max_seq_len
     if i.kv_cache_bytes is not None and i.kv_cache_memory_fraction is not None:
         raise ConfigError("inference.kv_cache_bytes", "set inference.kv_cache_bytes or "
                                                       "inference.kv_cache_memory_fraction, not both")
@@ -105,7 +105,7 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("inference.kv_cache_memory_fraction", f"must be in (0, 0.95], got "
                                                                 f"{i.kv_cache_memory_fraction}")
     # fp32 weights, as replicas load them; this machine's free memory stands for a replica's.
-    per_token = kv_bytes_per_token(shape["n_layers"], shape["n_kv_heads"], shape["dim"] // shape["n_heads"], 4, i.tp)
+    per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, 4, i.tp)
     key, value = "inference.kv_cache_tokens", i.kv_cache_tokens
     if i.kv_cache_bytes is not None:
         key, value = "inference.kv_cache_bytes", i.kv_cache_bytes

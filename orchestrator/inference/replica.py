@@ -27,11 +27,11 @@ def load_model(checkpoint: str, device: str = "cpu", quantize: str = "none"):
 
     from orchestrator import pretrained
     from orchestrator.tokens import EOS
-    from orchestrator.models import Llama, LlamaArgs
+    from orchestrator.models import Llama, llama_args
 
     pre = pretrained.locate(checkpoint)
     tok = Tokenizer.from_file(pre.tokenizer_path)
-    model = Llama(LlamaArgs(**model_shape(pre)))
+    model = Llama(llama_args(pre.arch))
     model.load_state_dict(pretrained.load_weights(pre))
     model.init_buffers()
     model = model.to(device).eval()
@@ -40,20 +40,6 @@ def load_model(checkpoint: str, device: str = "cpu", quantize: str = "none"):
 
         quantize_int8(model)
     return model, tok, tok.token_to_id(EOS)
-
-
-def model_shape(pre) -> dict:
-    """LlamaArgs fields of a located checkpoint."""
-    import json
-    from pathlib import Path
-
-    a = dict(pre.arch)
-    if "max_seq_len" not in a:  # a Hugging Face directory
-        a["max_seq_len"] = json.loads((Path(pre.path).expanduser() / "config.json").read_text()).get(
-            "max_position_embeddings", 2048)
-    keys = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "rope_theta",
-            "norm_eps", "tie_embeddings")
-    return {k: a[k] for k in keys if k in a}
 
 
 def shard_blocks(model, tp_mesh) -> None:

@@ -368,16 +368,15 @@ def build(cfg: ServeConfig, replica_cls=None) -> Server:
 
     from orchestrator import pretrained
     from orchestrator.tokens import EOS
-    from orchestrator.inference.replica import model_shape
     from orchestrator.inference.weights import expected_shapes
-    from orchestrator.models import Llama, LlamaArgs
+    from orchestrator.models import Llama, llama_args
 
     pre = pretrained.locate(cfg.checkpoint)
-    shape = model_shape(pre)
     import torch
 
+    shape = llama_args(pre.arch)
     with torch.device("meta"):
-        expected = expected_shapes(Llama(LlamaArgs(**shape)))
+        expected = expected_shapes(Llama(shape))
     pool = Pool(cfg, expected, replica_cls)
     try:
         pool.wait_ready()
@@ -385,7 +384,7 @@ def build(cfg: ServeConfig, replica_cls=None) -> Server:
         pool.shutdown()
         raise
     name = cfg.inference.model_name or cfg.checkpoint
-    return Server(cfg, pool, Tokenizer.from_file(pre.tokenizer_path), shape["max_seq_len"], name, EOS)
+    return Server(cfg, pool, Tokenizer.from_file(pre.tokenizer_path), shape.max_seq_len, name, EOS)
 
 
 class Background:

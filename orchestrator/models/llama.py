@@ -37,6 +37,18 @@ class LlamaArgs:
         return self.dim // self.n_heads
 
 
+def llama_args(fields) -> LlamaArgs:
+    """The one way to LlamaArgs: from a mapping or an object carrying its fields (a job's
+    ModelConfig, a located checkpoint's or Hugging Face directory's ``arch``); a field it lacks
+    keeps its default, fields LlamaArgs has not are ignored."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    have = fields if isinstance(fields, Mapping) else {f.name: getattr(fields, f.name)
+                                                         for f in dataclasses.fields(fields)}
+    return LlamaArgs(**{f.name: have[f.name] for f in dataclasses.fields(LlamaArgs) if f.name in have})
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (max_seq_len, head_dim // 2)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
