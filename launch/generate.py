@@ -11,6 +11,11 @@ import sys
 from orchestrator.errors import ConfigError
 
 
+# The engine's request fields, as this command's options.
+OPTIONS = {"prompt": "PROMPT", "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
+           "seed": "--seed", "stop": "--stop"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("target", nargs="?", help="checkpoint (omit with --url)")
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.target:
         ap.error("name a checkpoint, or a server with --url")
-    from orchestrator.inference.engine import GenerationEngine, Request
+    from orchestrator.inference.engine import GenerationEngine, Request, check_request
     from orchestrator.inference.replica import load_model
 
     try:
@@ -55,9 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(2)
+    request = Request("cli", tuple(tok.encode(args.prompt).ids), args.max_tokens, args.temperature, args.top_p,
+                      tuple(args.stop), args.seed)
+    try:
+        check_request(request, model.args.vocab_size, model.args.max_seq_len)
+    except ValueError as exc:  # "<field>: why", named as the option that set it
+        field, _, why = str(exc).partition(": ")
+        print(f"error: {OPTIONS.get(field, field)}: {why}", file=sys.stderr)
+        sys.exit(2)
     engine = GenerationEngine(model, tok, eos, num_blocks=model.args.max_seq_len // 16 + 1, max_batch=1)
-    engine.add(Request("cli", tok.encode(args.prompt).ids, args.max_tokens, args.temperature, args.top_p,
-                       tuple(args.stop), args.seed))
+    engine.add(request)
     print(args.prompt, end="", flush=True)
     while engine.busy:
         for event in engine.step():

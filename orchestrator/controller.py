@@ -4,8 +4,9 @@ PENDING -> STARTING -> RUNNING -> (RESTARTING -> STARTING ->) SUCCEEDED | FAILED
 
 STOPPED: the driver was interrupted (Ctrl-C, SIGTERM) and tore the job down.
 
-It knows nothing about strategies: it starts a worker group, forwards metrics
-to the sinks, and asks the restart policy what to do when a rank fails.
+It knows strategies only through the job's plan, which it builds once and hands to the
+worker group: it starts a worker group, forwards metrics to the sinks, asks the restart policy
+what to do when a rank fails, and assembles the summary (orchestrator.summary) at the end.
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from orchestrator import checkpoint
 from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData
 from orchestrator.errors import ConfigError, stop_signal
-from orchestrator.metrics import Sink, build_summary, read_history, write_status
+from orchestrator.metrics import Sink, read_history, write_status
 from orchestrator.plan import plan_of
+from orchestrator.results import TrainOutcome
 from orchestrator.storage import RunPlaces, Storage, places_of, without_credentials
+from orchestrator.summary import RunRecord, build_summary
 from orchestrator.worker_group import WorkerFailure, WorkerGroup
 
 
@@ -104,6 +107,14 @@ class JobController:
         # The step each attempt started from (0: from scratch; else the checkpoint's step).
         self.start_steps: list[int] = []
         self.sample_error: str | None = None  # why the end-of-job text sample failed, if it did
+        # What the attempts produce, for the summary.
+        self.data: PreparedData | None = None
+        self.group: WorkerGroup | None = None  # the current attempt's
+        self.outcomes: list[TrainOutcome] | None = None
+        self.n_params: int | None = None
+        self.sample: str | None = None
+        self.error: str | None = None
+        self.summary: dict = {}
 
     def mark(self, phase: str) -> None:
         self.startup.setdefault(phase, round(time.time() - self.command_start, 3))
@@ -193,90 +204,111 @@ class JobController:
     def run(self) -> dict:
         """Runs the job to the end and returns its summary (also written to summary.json).
 
-        Connecting to Ray (seconds for an embedded cluster) overlaps with data
-        preparation, which runs in a thread. Data is ready, and its errors raised,
-        before any worker is created.
+        One state at a time: STARTING, RUNNING and RESTARTING are each a short method that returns
+        the next state, until a terminal one. Connecting to Ray (seconds for an embedded cluster)
+        overlaps with data preparation, which runs in a thread. Data is ready, and its errors
+        raised, before any worker is created.
         """
-        job = self.job
-        places = self.places
-        self.run_id = self._claim_storage()  # before anything is written
-        Path(places.dir).mkdir(parents=True, exist_ok=True)
-        record = dataclasses.asdict(job)
-        record["run"]["storage_options"] = without_credentials(record["run"]["storage_options"])
-        places.job_file.write_text(json.dumps({"run_id": self.run_id, **record}, indent=1))
-        outcomes = None
-        error = None
-        sample = None
-        n_params = None
-        self.mark("controller_start")
-        self._to(JobState.STARTING)
+        self._open()
+        steps = {JobState.STARTING: self._start_attempt, JobState.RUNNING: self._run_attempt,
+                 JobState.RESTARTING: self._restart}
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller")
         try:
             data_future = pool.submit(self.prepare_data)
             with self.connect():
                 self.mark("connected")
-                data = data_future.result()
-                shutil.copyfile(data.tokenizer_path, places.tokenizer_file)  # saved with the run
-                places.publish_run_files()
-                self.mark("data_ready")
-                while True:
-                    group = self.make_group()  # actors start in the background
-                    try:
-                        resume_from, resume_step = self._resume_point(job)
-                        self.start_steps.append(resume_step)
-                        self.history = read_history(places.metrics_file, resume_step)
-                        if self.sinks_started:  # a restart: forget the steps after the checkpoint
-                            for sink in self.sinks:
-                                sink.rewind(resume_step, self.history)
-                        group.setup(job, self.plan, places, self.run_id, data, resume_from)
-                        self.mark("workers_ready")
-                        self._to(JobState.RUNNING)
-                        group.start_training()
-                        outcomes = self._watch(group)
-                        n_params = group.n_params()
-                        if job.trainer.sample_tokens:
-                            sample = self._sample(group)
-                        self._to(JobState.SUCCEEDED)
-                        break
-                    except WorkerFailure as failure:
-                        self.failed_at = time.time()
-                        decision = RestartPolicy(job.trainer.max_restarts).decide(failure, self.restarts)
-                        if not decision.restart:
-                            error = decision.reason
-                            self._to(JobState.FAILED)
-                            break
-                        self.restarts += 1
-                        self._to(JobState.RESTARTING)
-                        job = dataclasses.replace(job, run=dataclasses.replace(job.run, resume=True))
-                        self._to(JobState.STARTING)
-                    finally:
-                        group.shutdown()
+                self._take_data(data_future.result())
+                try:
+                    while self.state in steps:
+                        self._to(steps[self.state]())
+                finally:  # whatever ends the job, its workers go while Ray is still connected
+                    self._end_attempt()
         except BaseException as exc:
             stopped = isinstance(exc, KeyboardInterrupt)
-            if stopped:
-                error = f"stopped by {stop_signal(exc)}"
-            else:
-                error = f"{type(exc).__name__}: {exc}"
+            self.error = f"stopped by {stop_signal(exc)}" if stopped else f"{type(exc).__name__}: {exc}"
             if TRANSITIONS[self.state]:
                 self._to(JobState.STOPPED if stopped else JobState.FAILED)
             raise
         finally:
             pool.shutdown(wait=True)
-            summary = build_summary(
-                job, self.state.value, self.history,
-                self.run_metrics, outcomes, self.command_start, time.time(), self.restarts, error, sample, n_params,
-            )
-            if self.run_metrics:
-                self.startup["first_step"] = round(self.run_metrics[0]["time"] - self.command_start, 3)
-            summary["startup_s"] = self.startup
-            summary["recoveries_s"] = self.recoveries_s
-            summary["start_step_per_attempt"] = self.start_steps
-            if self.sample_error:
-                summary["sample_error"] = self.sample_error
-            summary["run_id"] = self.run_id
-            summary["storage"] = places.storage.root
-            places.summary_file.write_text(json.dumps(summary, indent=2))
-            if self.sinks_started:
-                for sink in self.sinks:
-                    sink.finish(summary)
-        return summary
+            self._close()
+        return self.summary
+
+    def _open(self) -> None:
+        """The run's id and job.json, before anything else is written."""
+        self.run_id = self._claim_storage()
+        Path(self.places.dir).mkdir(parents=True, exist_ok=True)
+        record = dataclasses.asdict(self.job)
+        record["run"]["storage_options"] = without_credentials(record["run"]["storage_options"])
+        self.places.job_file.write_text(json.dumps({"run_id": self.run_id, **record}, indent=1))
+        self.mark("controller_start")
+        self._to(JobState.STARTING)
+
+    def _take_data(self, data: PreparedData) -> None:
+        self.data = data
+        shutil.copyfile(data.tokenizer_path, self.places.tokenizer_file)  # saved with the run
+        self.places.publish_run_files()
+        self.mark("data_ready")
+
+    def _start_attempt(self) -> JobState:
+        """STARTING: a new worker group, set up from this run's newest checkpoint (if any)."""
+        self.group = self.make_group()  # actors start in the background
+        resume_from, resume_step = self._resume_point(self.job)
+        self.start_steps.append(resume_step)
+        self.history = read_history(self.places.metrics_file, resume_step)
+        if self.sinks_started:  # a restart: forget the steps after the checkpoint
+            for sink in self.sinks:
+                sink.rewind(resume_step, self.history)
+        try:
+            self.group.setup(self.job, self.plan, self.places, self.run_id, self.data, resume_from)
+        except WorkerFailure as failure:
+            return self._failed(failure)
+        self.mark("workers_ready")
+        return JobState.RUNNING
+
+    def _run_attempt(self) -> JobState:
+        """RUNNING: training until every rank has finished, then the text sample."""
+        try:
+            self.group.start_training()
+            self.outcomes = self._watch(self.group)
+            self.n_params = self.group.n_params()
+            if self.job.trainer.sample_tokens:
+                self.sample = self._sample(self.group)
+        except WorkerFailure as failure:
+            return self._failed(failure)
+        self._end_attempt()
+        return JobState.SUCCEEDED
+
+    def _failed(self, failure: WorkerFailure) -> JobState:
+        """A rank failed: the attempt ends, and the restart policy decides what comes next."""
+        self.failed_at = time.time()
+        self._end_attempt()
+        decision = RestartPolicy(self.job.trainer.max_restarts).decide(failure, self.restarts)
+        if not decision.restart:
+            self.error = decision.reason
+            return JobState.FAILED
+        return JobState.RESTARTING
+
+    def _restart(self) -> JobState:
+        """RESTARTING: the next attempt resumes from the newest checkpoint."""
+        self.restarts += 1
+        self.job = dataclasses.replace(self.job, run=dataclasses.replace(self.job.run, resume=True))
+        return JobState.STARTING
+
+    def _end_attempt(self) -> None:
+        if self.group is not None:
+            group, self.group = self.group, None
+            group.shutdown()
+
+    def _close(self) -> None:
+        """summary.json, and the sinks' end."""
+        self.summary = build_summary(RunRecord(
+            job=self.job, status=self.state.value, history=self.history, run_metrics=self.run_metrics,
+            outcomes=self.outcomes, command_start=self.command_start, end=time.time(), restarts=self.restarts,
+            error=self.error, sample=self.sample, sample_error=self.sample_error, n_params=self.n_params,
+            startup=self.startup, recoveries_s=self.recoveries_s, start_steps=self.start_steps, run_id=self.run_id,
+            storage=self.places.storage.root))
+        self.places.summary_file.write_text(json.dumps(self.summary, indent=2))
+        if self.sinks_started:
+            for sink in self.sinks:
+                sink.finish(self.summary)

@@ -19,6 +19,7 @@ from orchestrator.config import JobConfig
 from orchestrator.data import BlockSampler, PreparedData, open_blocks
 from orchestrator.models import Llama, LlamaArgs, llama_args, num_params
 from orchestrator.plan import Plan
+from orchestrator.results import StepMetrics, TrainOutcome
 from orchestrator.storage import RunPlaces, Storage
 from orchestrator.tokens import EOS
 from strategies.base import EngineContext
@@ -42,20 +43,6 @@ class SaveNotice:
     waits up to trainer.save_timeout_s instead of trainer.step_timeout_s."""
 
     step: int
-
-
-@dataclass
-class TrainOutcome:
-    rank: int
-    first_step: int
-    last_step: int
-    exited_early: bool
-    peak_rss_bytes: int
-    memory: dict
-    trainable_params: int
-    # Per checkpoint this rank saved: step, blocked_s, total_s, bytes_written, held_bytes (and on
-    # rank 0 peak_extra_bytes); see orchestrator.checkpoint.Checkpointer.
-    checkpoints: list = field(default_factory=list)
 
 
 class Trainer:
@@ -222,7 +209,7 @@ class Trainer:
             result.pop("val_exact_match", None)
         return result
 
-    def run(self) -> Generator[dict, None, TrainOutcome]:
+    def run(self) -> Generator[StepMetrics | SaveNotice, None, TrainOutcome]:
         """Trains to trainer.max_steps (or exit_at_step): a generator that yields rank 0's metrics
         after every step (nothing on the other ranks) and returns the rank's TrainOutcome."""
         t = self.job.trainer
@@ -248,20 +235,19 @@ class Trainer:
                     rollout_figures["alignment.sync_s"] = self._sync_rollout_pool()
             elapsed = time.perf_counter() - start
             if self.rank == 0:
-                metrics = {
-                    "step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                    "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
-                    "tokens": self.step * tokens_per_step, "time": time.time(), "rss_bytes": memory.lifetime_peak_bytes(),
-                    **result.extra, **rollout_figures,
-                }
+                metrics = StepMetrics(
+                    step=self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                    tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed, tokens=self.step * tokens_per_step,
+                    time=time.time(), rss_bytes=memory.lifetime_peak_bytes(), figures={**result.extra, **rollout_figures},
+                )
             if t.eval_every and self.step % t.eval_every == 0 and self.can_evaluate:
                 val = self.evaluate()
                 if self.rank == 0:
-                    metrics.update(val)
+                    metrics.figures.update(val)
             if self.job.inference.sync_every and self.step % self.job.inference.sync_every == 0:
                 timing = self.publish_weights()
                 if self.rank == 0:
-                    metrics.update(timing)
+                    metrics.figures.update(timing)
             if self.rank == 0:
                 yield metrics
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.exit_at_step:

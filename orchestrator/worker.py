@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from orchestrator.config import JobConfig
@@ -136,7 +136,8 @@ class TrainWorker:
         return self.trainer.step
 
     def train(self):
-        """Yields ("metrics", dict) after every step on rank 0, then ("outcome", dict) on every rank."""
+        """Yields ("metrics", orchestrator.results.StepMetrics) after every step on rank 0 (and
+        ("saving", step) when a save starts), then ("outcome", TrainOutcome) on every rank."""
         import ray
 
         from orchestrator.trainer import SaveNotice
@@ -152,8 +153,8 @@ class TrainWorker:
                 yield "saving", metrics.step
             else:
                 yield "metrics", metrics
-        yield "outcome", {**asdict(outcome), "node_id": ray.get_runtime_context().get_node_id(), "cores": self.cores,
-                          "nice": os.nice(0)}
+        yield "outcome", replace(outcome, node_id=ray.get_runtime_context().get_node_id(), cores=self.cores,
+                                 nice=os.nice(0))
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         return self.trainer.sample(self.tokenizer_path, prompt, max_new_tokens)

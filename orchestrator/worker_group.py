@@ -14,6 +14,7 @@ from orchestrator.config import ClusterConfig, JobConfig
 from orchestrator.data import PreparedData
 from orchestrator.errors import ConfigError
 from orchestrator.plan import Plan
+from orchestrator.results import TrainOutcome
 from orchestrator.storage import RunPlaces, Storage
 
 
@@ -34,7 +35,7 @@ class WorkerGroup(Protocol):
 
     def start_training(self) -> None: ...
 
-    def poll(self, timeout_s: float) -> tuple[list[dict], list[dict] | None]:
+    def poll(self, timeout_s: float) -> tuple[list[dict], list[TrainOutcome] | None]:
         """(new metrics from rank 0, every rank's outcome once all finished, else None).
         Raises WorkerFailure when a rank failed."""
 
@@ -77,7 +78,7 @@ class RayWorkerGroup:
             for rank in range(world_size)
         ]
         self._train_refs: list = []
-        self._outcomes: dict[int, dict] = {}
+        self._outcomes: dict[int, TrainOutcome] = {}
 
     def _get(self, refs, what: str, timeout_s: float | None = None):
         import ray
@@ -136,7 +137,7 @@ class RayWorkerGroup:
         """(step, when) of the checkpoint save rank 0 is in, if it is in one."""
         return self._saving
 
-    def poll(self, timeout_s: float) -> tuple[list[dict], list[dict] | None]:
+    def poll(self, timeout_s: float) -> tuple[list[dict], list[TrainOutcome] | None]:
         import ray
 
         pending = [g for rank, g in enumerate(self._train_refs) if rank not in self._outcomes]
@@ -165,8 +166,8 @@ class RayWorkerGroup:
                 continue
             if rank == 0:
                 self._saving = None
-            if kind == "metrics":
-                metrics.append(item)
+            if kind == "metrics":  # typed across Ray, a flat record from here on
+                metrics.append(item.record())
             else:
                 self._outcomes[rank] = item
         return metrics

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from orchestrator.config import OptimConfig, TrainerConfig
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.plan import Plan
+from orchestrator.results import MemoryReport
 from strategies.activations import MetersActivations, prepare_blocks  # noqa: F401  (strategies import them here)
 
 # (input ids, target ids), both (B, T), then whatever the job's objective needs besides
@@ -92,7 +93,7 @@ class Engine(Protocol):
     # weight push to an inference pool of a model no rank holds whole. Not used by checkpoints.
     def gather_weights(self) -> dict: ...
 
-    def memory_report(self) -> dict: ...
+    def memory_report(self) -> MemoryReport: ...
 
     def generation_model(self) -> nn.Module | None: ...
 
@@ -311,15 +312,15 @@ class TorchEngine(MetersActivations):
 
         return lora.saved_weights(self.model, {name: p.detach() for name, p in self._named()})
 
-    def memory_report(self) -> dict:
+    def memory_report(self) -> MemoryReport:
         params = tensor_bytes(self.params)
         grads = self._grad_bytes
         optim = optimizer_state_bytes(self.optimizer)
         psi = sum(p.numel() for p in self.params)
         # torch AdamW keeps no master copy: fp32 parameters and gradients, K = 8 (m and v).
-        return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optim,
-                "model_states_bytes": params + grads + optim, **zero_formula(0, psi, 1, 4, 4, 8),
-                **self.activation_report(self.ctx.trainer)}
+        return MemoryReport(params_bytes=params, grads_bytes=grads, optimizer_bytes=optim,
+                            model_states_bytes=params + grads + optim, **zero_formula(0, psi, 1, 4, 4, 8),
+                            **self.activation_report(self.ctx.trainer))
 
     def generation_model(self) -> nn.Module | None:
         return self.model

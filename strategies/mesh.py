@@ -34,6 +34,7 @@ from strategies.base import (
     optimizer_state_bytes, prepare_blocks, tensor_bytes, zero_formula,
 )
 from orchestrator.plan import Plan
+from orchestrator.results import MemoryReport
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -255,17 +256,17 @@ class MeshEngine(TorchEngine):
         for name, p in self._named():
             p.copy_(to_layout(weights[name].to(self.ctx.device), p))
 
-    def memory_report(self) -> dict:
+    def memory_report(self) -> MemoryReport:
         params = tensor_bytes(self.params)
         optim = optimizer_state_bytes(self.optimizer)
         dp, sharded = self.plan.dp, self.plan.sharded
         # Ψ here is this rank's model-parallel slice (1/(tp*pp) of the model, roughly);
         # sharded data parallel divides it by dp like ZeRO-3, replicated keeps all of it.
         psi = sum(local_tensor(p).numel() for p in self.params) * (dp if sharded else 1)
-        return {"params_bytes": params, "grads_bytes": self._grad_bytes, "optimizer_bytes": optim,
-                "model_states_bytes": params + self._grad_bytes + optim,
-                **zero_formula(3 if sharded else 0, psi, dp if sharded else 1, 4, 4, 8),
-                **self.activation_report(self.ctx.trainer)}
+        return MemoryReport(params_bytes=params, grads_bytes=self._grad_bytes, optimizer_bytes=optim,
+                            model_states_bytes=params + self._grad_bytes + optim,
+                            **zero_formula(3 if sharded else 0, psi, dp if sharded else 1, 4, 4, 8),
+                            **self.activation_report(self.ctx.trainer))
 
     def generation_model(self) -> nn.Module | None:
         return None  # the model is split; rank 0 samples from the gathered checkpoint weights

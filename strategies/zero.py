@@ -20,6 +20,7 @@ from omegaconf import MISSING
 from orchestrator.config import JobConfig, OptimConfig, StrategyConfig, TrainerConfig
 from orchestrator.errors import ConfigError
 from orchestrator.plan import Plan
+from orchestrator.results import MemoryReport
 from strategies.activations import MetersActivations
 
 # Capability: the engine trains any objective of orchestrator.alignment.losses (DPO, GRPO).
@@ -344,15 +345,16 @@ class ZeroEngine(MetersActivations):
         return {"params_bytes": working, "grads_bytes": grads, "master_params_bytes": master,
                 "optimizer_bytes": moments, "model_states_bytes": working + grads + master + moments}
 
-    def memory_report(self) -> dict:
+    def memory_report(self) -> MemoryReport:
         from strategies.base import zero_formula
 
         param_bytes = 2 if self.ctx.precision == "bf16" else 4
         # DeepSpeed keeps an fp32 master partition whatever the working precision: K = 12.
         formula = zero_formula(self.stage, self.n_params, self.ctx.plan.dp, param_bytes, param_bytes, 12)
         formula_no_master = zero_formula(self.stage, self.n_params, self.ctx.plan.dp, param_bytes, param_bytes, 8)
-        return {**(self._memory or {}), **formula, "formula_bytes_without_master_copy": formula_no_master["formula_bytes"],
-                **self.activation_report(self.ctx.trainer)}
+        return MemoryReport(**(self._memory or {}), **formula,
+                            formula_bytes_without_master_copy=formula_no_master["formula_bytes"],
+                            **self.activation_report(self.ctx.trainer))
 
     def generation_model(self):
         # Stage 3 holds a slice of every weight; the trainer rebuilds a full model from its last checkpoint.

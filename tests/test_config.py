@@ -87,6 +87,24 @@ def test_every_command_refuses_bad_arguments_with_exit_2_naming_them():
         assert words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
 
 
+@pytest.mark.parametrize("args, words", [
+    (["", "--max-tokens", "4"], "PROMPT: empty"),
+    (["ROMEO: " * 400], "PROMPT: "),
+    (["ROMEO:", "--top-p", "0"], "--top-p: must be a number in (0, 1]"),
+    (["ROMEO:", "--temperature", "3"], "--temperature: must be a number in [0, 2]"),
+    (["ROMEO:", "--max-tokens", "0"], "--max-tokens: must be an integer >= 1"),
+])
+def test_generate_names_the_option_of_a_bad_request(serve_source, args, words):
+    """Checked before the engine starts: one line naming the option, exit 2, no traceback."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "launch.generate", str(serve_source), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert words in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+        proc.stderr[-2000:]
+
+
 def test_good_config_is_typed():
     job = compose(["model=tiny", "strategy=ddp", "cluster.num_workers=3", "trainer.global_batch_size=12",
                    "trainer.micro_batch_size=2", "run.dir=/tmp/unused"])

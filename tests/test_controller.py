@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator.controller import TRANSITIONS, JobController, JobState, RestartPolicy
 from orchestrator.data import PreparedData
+from orchestrator.results import MemoryReport, TrainOutcome
 from orchestrator.worker_group import WorkerFailure
 
 
@@ -36,7 +37,8 @@ class FakeGroup:
 
     def poll(self, timeout_s):
         if self.step >= self.steps:
-            return [], [{"rank": 0, "peak_rss_bytes": 1, "memory": {"model_states_bytes": 2}, "exited_early": False}]
+            return [], [TrainOutcome(rank=0, first_step=0, last_step=self.step, exited_early=False, peak_rss_bytes=1,
+                                     memory=MemoryReport(model_states_bytes=2), trainable_params=123)]
         self.step += 1
         if self.fail_at is not None and self.step == self.fail_at:
             raise WorkerFailure(f"rank 1 died at step {self.step}", rank=1)
