@@ -440,10 +440,9 @@ def validate(job: JobConfig) -> None:
     validate_lora(job)
     from orchestrator.plan import plan_of
 
-    strategy = strategies.get(job.strategy.name)
     plan = plan_of(job)
     plan.check_model(m)
-    strategy.check(job.strategy, job, plan)
+    strategies.check(job, plan)
     per_step = t.micro_batch_size * plan.dp
     if t.global_batch_size % per_step:
         raise ConfigError(

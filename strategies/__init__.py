@@ -3,7 +3,8 @@
 A strategy module exposes:
   Config                          a dataclass subclassing orchestrator.config.StrategyConfig
   plan(cfg, world_size)           the validated orchestrator.plan.Plan it runs (raises ConfigError)
-  check(cfg, job, plan)           any further validation that needs the rest of the job
+  check(cfg, plan, ...)           any further validation, taking by name only the job's config
+                                  groups it needs (model, trainer, optim, data, precision, ...)
   build_engine(cfg, model, ctx)   turns a meta-device model into an Engine
   ALIGNMENT, LORA                 its capabilities (see ``capable``)
 The controller and workers only ever go through ``get(name)``.
@@ -39,6 +40,15 @@ def get(name: str) -> ModuleType:
 
         raise ConfigError("strategy", f"unknown strategy {name!r}; allowed: {', '.join(names())}")
     return importlib.import_module(_MODULES[name])
+
+
+def check(job, plan) -> None:
+    """Runs the job's strategy's ``check`` with the plan and the config groups it names."""
+    import inspect
+
+    fn = get(job.strategy.name).check
+    wanted = list(inspect.signature(fn).parameters)[2:]  # after (cfg, plan)
+    fn(job.strategy, plan, **{name: getattr(job, name) for name in wanted})
 
 
 def capable(name: str, capability: str) -> bool:

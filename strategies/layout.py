@@ -14,10 +14,10 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 DATA_PARALLEL = ("replicate", "shard")
 
 
-def check_layout(plan: Plan, job) -> None:
-    """What the mesh strategies need of the rest of the job (the plan's own degrees were checked
-    when it was built, its model split by config.validate)."""
-    m, t = job.model, job.trainer
+def check_layout(plan: Plan, model, trainer, data) -> None:
+    """What the mesh strategies need of the model, trainer and data config (the plan's own
+    degrees were checked when it was built, its model split by config.validate)."""
+    m, t = model, trainer
     if plan.data_parallel not in DATA_PARALLEL:
         raise ConfigError("strategy.data_parallel",
                           f"{plan.data_parallel!r} is not allowed; choose one of {', '.join(DATA_PARALLEL)}")
@@ -28,8 +28,8 @@ def check_layout(plan: Plan, job) -> None:
                               "redistribution; set trainer.compile=false or strategy.tp=1")
         if m.ffn_dim % plan.tp:
             raise ConfigError("model.ffn_dim", f"{m.ffn_dim} is not divisible by tp={plan.tp}")
-        if plan.sequence_parallel and job.data.seq_len % plan.tp:
-            raise ConfigError("data.seq_len", f"{job.data.seq_len} is not divisible by tp={plan.tp}, "
+        if plan.sequence_parallel and data.seq_len % plan.tp:
+            raise ConfigError("data.seq_len", f"{data.seq_len} is not divisible by tp={plan.tp}, "
                               "which strategy.sequence_parallel=true needs")
     if m.tie_embeddings and (plan.tp > 1 or plan.pp > 1):
         raise ConfigError("model.tie_embeddings", "tied embeddings are not supported with tp > 1 or pp > 1")
@@ -67,8 +67,8 @@ def plan(cfg, world_size: int) -> Plan:
     return cfg.plan_for(world_size)
 
 
-def check(cfg, job, plan: Plan) -> None:
-    check_layout(plan, job)
+def check(cfg, plan: Plan, model, trainer, data) -> None:
+    check_layout(plan, model, trainer, data)
 
 
 def build_engine(cfg, model, ctx):

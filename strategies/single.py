@@ -24,7 +24,7 @@ def plan(cfg: Config, world_size: int) -> Plan:
     return Plan(world_size=1)
 
 
-def check(cfg: Config, job, plan: Plan) -> None:
+def check(cfg: Config, plan: Plan) -> None:
     """Nothing beyond the plan to check."""
 
 

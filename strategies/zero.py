@@ -17,7 +17,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from orchestrator.config import JobConfig, OptimConfig, StrategyConfig, TrainerConfig
+from orchestrator.config import OptimConfig, StrategyConfig, TrainerConfig
 from orchestrator.errors import ConfigError
 from orchestrator.plan import Plan
 from orchestrator.results import MemoryReport
@@ -68,9 +68,9 @@ def plan(cfg: Config, world_size: int) -> Plan:
     return Plan(world_size)
 
 
-def check(cfg: Config, job: JobConfig, plan: Plan) -> None:
+def check(cfg: Config, plan: Plan, trainer: TrainerConfig, optim: OptimConfig, precision: str) -> None:
     """Builds the merged DeepSpeed config once on the driver, so conflicts fail before workers start."""
-    deepspeed_config(cfg, job.trainer, job.optim, plan.dp, None if job.precision == "auto" else job.precision)
+    deepspeed_config(cfg, trainer, optim, plan.dp, None if precision == "auto" else precision)
 
 
 # Where each key of the implied DeepSpeed config comes from, for error messages.
