@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.config import DataConfig
+from orchestrator.encoder import Encoder
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Storage
 from orchestrator.tokens import EOS
@@ -136,13 +137,15 @@ def _build_text(paths: list[Path], cfg: DataConfig, vocab_size: int, tokenizer_p
     texts = [t for t in docs["text"] if t]
     tok = tokenizer_for(texts, vocab_size, tokenizer_path)
     eos_id = tok.token_to_id(EOS)  # None for a foreign tokenizer without it: no separator then
-    pieces = []
-    for doc in texts:
-        for enc in tok.encode_batch(_split_lines(doc)):
-            pieces.append(np.asarray(enc.ids, dtype=np.int64))
-        if eos_id is not None:
-            pieces.append(np.asarray([eos_id], dtype=np.int64))
-    return {"tokens": np.concatenate(pieces)}, tok, {}
+    encoder = Encoder(tok)
+    chunks = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(texts), 1024):
+        pieces = [_split_lines(doc) for doc in texts[start:start + 1024]]
+        tokens, lengths = encoder.encode_arrays([p for doc in pieces for p in doc])
+        if eos_id is not None:  # after each document's last piece
+            tokens = np.insert(tokens, np.cumsum(lengths)[np.cumsum([len(doc) for doc in pieces]) - 1], eos_id)
+        chunks.append(tokens.astype(np.int64))
+    return {"tokens": np.concatenate(chunks)}, tok, {}
 
 
 PREPARED_MANIFEST = "shards/manifest.json"  # launch.prepare's list of shards; complete when its last says so
