@@ -156,6 +156,38 @@ def test_tokenization_resumes_by_shard(ray_cluster, prepared, corpus, tmp_path):
     assert again["tokenize"]["written_now"] == 0
 
 
+def test_a_stop_in_the_pass_that_writes_and_tokenizes_resumes(ray_cluster, prepared, corpus, tmp_path):
+    """Stopped inside the last pass (documents being written and tokenized, 10 shards done): the
+    rerun cleans again, writes the documents again, and keeps the shards already written; stopped
+    after the last shard, it writes the documents and no shard."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0], out)
+    manifest_path = out / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    full = [s["sha256"] for s in manifest["shards"]]
+    documents = sorted(p.name for p in (out / "documents").glob("*.parquet"))
+    for s in manifest["shards"][10:]:
+        (out / "shards" / s["name"]).unlink()
+    manifest["shards"] = manifest["shards"][:10]
+    manifest_path.write_text(json.dumps(manifest))
+    shutil.rmtree(out / "documents")
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("shard-*.npy")}
+    lines = []
+    report = Preparation(config(corpus, out), log=lines.append).run()
+    assert not any("resuming at tokenization" in line for line in lines), lines
+    assert report["tokenize"]["written_now"] == len(full) - 10
+    assert [s["sha256"] for s in json.loads(manifest_path.read_text())["shards"]] == full
+    assert {n: (out / "shards" / n).stat().st_mtime_ns for n in kept} == kept
+    assert sorted(p.name for p in (out / "documents").glob("*.parquet")) == documents
+    assert (out / "documents" / "_done.json").exists()
+
+    (out / "documents" / "_done.json").unlink()
+    again = Preparation(config(corpus, out), log=lambda *a: None).run()
+    assert again["tokenize"]["written_now"] == 0
+    assert sorted(p.name for p in (out / "documents").glob("*.parquet")) == documents
+    assert [s["sha256"] for s in json.loads(manifest_path.read_text())["shards"]] == full
+
+
 def test_bad_input_is_refused_before_any_work(corpus, prepared, tmp_path):
     out = tmp_path / "new"
     cases = [

@@ -41,6 +41,7 @@ REPORT = "prepare_report.json"
 PICTURE = "prepare_report.png"
 NOTE_CHARS = 240
 DOCS_PER_FILE = 8192  # cleaned documents per parquet file
+BLOCK_BYTES = 16 << 20  # of input per block of the per-document passes
 
 
 def _stage_of(reason: str) -> str:
@@ -272,8 +273,9 @@ def _second_pass(df, cfg: PrepareConfig, dropped: dict, names: dict, words: list
     return df
 
 
-def _write_documents(df, out: Storage, env: dict):
-    """Writes one batch of cleaned documents (in id order) as parquet, named by its first id."""
+def _write_documents(df, out: Storage, env: dict, tokenizer_json: str | None = None):
+    """Writes one batch of cleaned documents (in id order) as parquet, named by its first id; with
+    a tokenizer, returns the batch's tokens as ``_tokenize`` does (one pass over the documents)."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -286,7 +288,12 @@ def _write_documents(df, out: Storage, env: dict):
         buf = io.BytesIO()
         pq.write_table(table, buf)
         out.write_bytes(buf.getvalue(), "documents", f"part-{int(df['doc_id'].iloc[0]):020d}.parquet")
-    return pd.DataFrame({"n": [len(df)]})
+    return pd.DataFrame({"n": [len(df)]}) if tokenizer_json is None else _tokenize(df, tokenizer_json)
+
+
+def _documents(df):
+    """The documents the second pass kept, as the written files hold them."""
+    return _live(df)[["doc_id", "text"]]
 
 
 def _read_documents(batch, out: Storage, env: dict):
@@ -304,18 +311,26 @@ def _tokenize(df, tokenizer_json: str):
     """A batch of documents -> one row: their token ids end to end (each document closed by EOS)
     and each document's length, as bytes (cheap to move, where a column of arrays is not)."""
     import pandas as pd
-    from tokenizers import Tokenizer
-
+    from orchestrator.encoder import encoder_of
     from orchestrator.tokens import EOS
 
-    tok = Tokenizer.from_str(tokenizer_json)
-    eos = tok.token_to_id(EOS)
-    encoded = tok.encode_batch(list(df["text"]))
-    tail = [eos] if eos is not None else []
-    ids = [np.asarray(e.ids + tail, dtype=np.int32) for e in encoded]
-    lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
-    tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    encoder = encoder_of(tokenizer_json)
+    eos = encoder.tok.token_to_id(EOS)
+    tokens, lengths = encoder.encode_arrays(list(df["text"]), tail=() if eos is None else (eos,))
     return pd.DataFrame({"tokens": [tokens.tobytes()], "lengths": [lengths.tobytes()]})
+
+
+def _prompt_resource_limits() -> None:
+    """Ray Data 2.60 reads the cluster's resources as zero when an execution starts (its
+    autoscaling coordinator has not answered yet) and looks again only a second later: until
+    then it runs one task at a time. Every pass of this pipeline started with one worker idle
+    for that second (measured: 8 tasks of 1.2 s on 2 CPUs took 6.3 s; 5.5 s with this). Looking
+    again after 50 ms costs one small asynchronous call to Ray Data's coordinator actor each time."""
+    from ray.data._internal.execution import resource_manager
+
+    manager = getattr(resource_manager, "ResourceManager", None)
+    if manager is not None and getattr(manager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > 0.05:
+        manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 0.05
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -364,21 +379,33 @@ class Preparation:
         # The global steps hash-partition rows by a key (a text's hash, a band key, a part):
         # every row with the same key lands in the same partition, which a map then reads whole.
         ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE
+        _prompt_resource_limits()
         if not sys.stderr.isatty() or not self.cfg.progress:  # no bars: Ray Data would log each execution
             import logging
 
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         t_start = time.perf_counter()
+        tokenize = self.cfg.tokenize.enabled
         if self.out.exists(DOCS_DONE):
             report = json.loads(self.out.read_text(REPORT))
             self.log(f"documents already prepared in {self.out.url('documents')}: resuming at tokenization")
+            if tokenize:
+                report["tokenize"] = self._tokenize(self._documents_dataset(), write=False)
         else:
             report = {"fingerprint": self.key, "inputs": self.identity["inputs"], "stages": []}
-            self._clean(report)
+            kept = self._clean(report)  # stages 1-6 done, the documents still in Ray's object store
+            # One more pass writes them, and tokenizes each batch it writes.
+            t0 = time.perf_counter()
+            self.out.remove("documents")
+            if tokenize:
+                report["tokenize"] = self._tokenize(kept, write=True)
+            else:
+                self._write(kept).materialize()
+            report["passes_s"]["write" + "_and_tokenize" * tokenize] = round(time.perf_counter() - t0, 3)
+            self.log(f"documents: {report['stages'][0]['docs_in']} read, {report['stages'][-1]['docs_out']} kept -> "
+                     f"{self.out.url('documents')}")
             self.out.write_text(json.dumps(report, indent=1), REPORT)
             self.out.write_text(json.dumps({"documents": report["stages"][-1]["docs_out"]}), DOCS_DONE)
-        if self.cfg.tokenize.enabled:
-            report["tokenize"] = self._tokenize(self._documents_dataset())
         report["seconds"] = round(time.perf_counter() - t_start, 3)
         report["cluster_nodes"] = sorted({n["NodeID"][:12] for n in ray.nodes() if n.get("Alive")})
         self.out.write_text(json.dumps(report, indent=1), REPORT)
@@ -387,6 +414,13 @@ class Preparation:
         self.out.write_bytes(picture(report), PICTURE)
         return report
 
+    def _blocks(self) -> int:
+        """How many blocks the documents are cut into for the per-document passes: one task each,
+        two per worker at least (fewer and larger tasks lose less to scheduling between them; two
+        each keeps both busy while the other's result moves), and about BLOCK_BYTES of input each."""
+        size = sum(int(i.get("size") or 0) for i in self.identity["inputs"])
+        return max(self.cfg.workers * 2, len(self.cfg.inputs), -(-size // BLOCK_BYTES))
+
     # stages 0-6
     def _map(self, ds, fn, batch_size: int | None = None, **kwargs):
         import ray.data
@@ -394,7 +428,9 @@ class Preparation:
         return ds.map_batches(fn, batch_format="pandas", batch_size=batch_size or self.cfg.batch_size,
                               compute=ray.data.TaskPoolStrategy(size=self.cfg.workers), fn_kwargs=kwargs)
 
-    def _clean(self, report: dict) -> None:
+    def _clean(self, report: dict):
+        """Stages 1-6, their report in ``report``; returns the last pass's blocks (every document,
+        the removed ones marked in ``drop``), materialized in the object store."""
         import ray.data
 
         cfg = self.cfg
@@ -405,7 +441,7 @@ class Preparation:
         ds = files.flat_map(_read_file, fn_kwargs={"inputs": list(cfg.inputs), "text_field": cfg.text_field,
                                                     "options": dict(cfg.storage_options), "env": self.env})
         # Order is kept throughout (preserve_order): the documents stay in id order, no sort needed.
-        ds = ds.repartition(max(cfg.workers * 4, len(cfg.inputs)))
+        ds = ds.repartition(self._blocks())
         ds = self._map(ds, _first_pass, cfg=cfg, bands=bands, rows=rows).materialize()
         first = ds.select_columns(["doc_id", "source", "row", "drop", "note", "node", "changed", "nbytes_in", "nwords_in",
                                    "nbytes", "t_read", "t_normalize", "t_quality", "t_exact_dedup",
@@ -448,22 +484,20 @@ class Preparation:
         ds = self._map(ds, _second_pass, cfg=cfg, dropped=dropped, names=names, words=words).materialize()
         second = ds.select_columns(["doc_id", "drop", "note", "changed", "nbytes", "nwords", "t_dedup_verdicts",
                                     "t_scrub", "t_blocklist"] + [f"pii_{k}" for k in T.PLACEHOLDERS]).to_pandas()
-        self.out.remove("documents")
-        self._map(ds, _write_documents, batch_size=DOCS_PER_FILE, out=self.out, env=self.env).materialize()
         wall_second = time.perf_counter() - t2
 
         self._report(report, first, second, near_info)
         report["worker_nodes"] = sorted(set(first["node"]))  # where the per-document stages ran
         report["passes_s"] = {"read_and_per_document_stages": round(wall_first, 3),
                               "global_steps": round(wall_global, 3),
-                              "verdicts_scrub_blocklist_and_write": round(wall_second, 3)}
+                              "verdicts_scrub_blocklist": round(wall_second, 3)}
         import pandas as pd
 
         removed = pd.concat([first[first["drop"] != ""][["doc_id", "source", "row", "drop"]],
                              second[second["drop"] != ""][["doc_id", "drop"]].merge(
                                  first[["doc_id", "source", "row"]], on="doc_id")], ignore_index=True)
         self._write_removed(removed)
-        self.log(f"documents: {len(first)} read, {int((second['drop'] == '').sum())} kept -> {self.out.url('documents')}")
+        return ds
 
     def _report(self, report: dict, first, second, near_info: dict) -> None:
         """Documents, bytes, removals, changes, examples and worker CPU time of every stage."""
@@ -557,15 +591,24 @@ class Preparation:
         else:
             from orchestrator.data import train_tokenizer
 
-            texts = (r["text"] for r in docs.limit(t.train_docs).iter_rows())
-            text = train_tokenizer(texts, t.vocab_size).to_str()
+            batches = docs.limit(t.train_docs).iter_batches(batch_format="pyarrow", batch_size=None)
+            text = train_tokenizer((x for b in batches for x in b.column("text").to_pylist()), t.vocab_size).to_str()
         self.out.write_text(text, "tokenizer.json")
         return text
 
-    def _tokenize(self, docs) -> dict:
+    def _write(self, blocks, tokenizer_json: str | None = None):
+        """The cleaned documents of the second pass's blocks written as parquet files (lazily: a
+        dataset of one row per file, or of each file's tokens with a tokenizer)."""
+        return self._map(blocks, _write_documents, batch_size=DOCS_PER_FILE, out=self.out, env=self.env,
+                         tokenizer_json=tokenizer_json)
+
+    def _tokenize(self, docs, write: bool) -> dict:
+        """Stage 7: the tokenizer (trained on the first documents unless given), then the shards,
+        from where the manifest stops. With ``write``, ``docs`` are the second pass's blocks and
+        the map that writes each file of documents tokenizes it."""
         t = self.cfg.tokenize
         t0 = time.perf_counter()
-        tokenizer_json = self._tokenizer_json(docs)
+        tokenizer_json = self._tokenizer_json(self._map(docs, _documents) if write else docs)
         from tokenizers import Tokenizer
 
         vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
@@ -577,11 +620,13 @@ class Preparation:
         manifest["tokenizer_sha256"] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
         done = manifest["shards"]
         if done and done[-1].get("last"):
+            if write:
+                self._write(docs).materialize()
             self.log(f"all {len(done)} shards already written")
             return self._shard_summary(manifest, vocab, time.perf_counter() - t0, 0)
         end_doc, end_offset = (done[-1]["end"] if done else (0, 0))
         t_train = time.perf_counter() - t0
-        stream = self._map(docs, _tokenize, tokenizer_json=tokenizer_json)
+        stream = self._write(docs, tokenizer_json) if write else self._map(docs, _tokenize, tokenizer_json=tokenizer_json)
         buf: list[np.ndarray] = []
         filled = 0
         position = 0  # index of the next document in output order
