@@ -6,9 +6,11 @@ a sync that does not match the model changes nothing."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import ray
@@ -272,10 +274,11 @@ def test_weight_sync_during_traffic(server, serve_source):
 
 
 def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve_source):
-    """The direct path (a process group of its own, one broadcast into each replica's spare
-    buffer): with requests in flight, then again over the same group, then after a replica was
-    replaced (a new group; the replacement first loads the weights from a replica that holds
-    them); outputs match the new weights each time."""
+    """The direct path, replicas on the publisher's node (two buffers in shared memory that the
+    replicas serve from in turn): with requests in flight, then again over the same buffers
+    (each replica serving from the other one), then after a replica was replaced (new buffers;
+    the replacement first loads the weights from a replica that holds them); outputs match the
+    new weights each time. The buffers' files are gone once mapped."""
     model, tok, eos = load_model(str(serve_source))
     client = Client(server.url)
     pool = server.server.pool
@@ -286,14 +289,15 @@ def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve
             busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(3)]
             result = publisher.publish(new)
             assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
-        assert result.replicas == 2 and not result.failed
+        assert result.replicas == 2 and result.shared_memory == 2 and not result.failed
         model.load_state_dict(new)
         for prompt in PROMPTS[:3]:
             assert client.complete(prompt, max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
                 model, tok, eos, prompt, 16)
-    group = publisher.pg
+    assert publisher.pg is None and not list(Path("/dev/shm").glob(f"forgeline-sync-{os.getpid()}-*"))
+    group = publisher.link
     again = perturbed(model, 14)
-    assert publisher.publish(again).replicas == 2 and publisher.pg is group  # the same group
+    assert publisher.publish(again).replicas == 2 and publisher.link is group  # the same buffers
     model.load_state_dict(again)
     replaced = pool.replaced
     ray.kill(pool.slots[0].handle, no_restart=True)
@@ -305,10 +309,31 @@ def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve
     assert on_replica(server, pool.slots[0], Request("r", tuple(tok.encode(PROMPTS[4]).ids), 16)).text == want
     newest = perturbed(model, 13)
     result = publisher.publish(newest)
-    assert result.replicas == 2 and publisher.pg is not group
+    assert result.replicas == 2 and publisher.link is not group
     model.load_state_dict(newest)
     assert client.complete(PROMPTS[4], max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
         model, tok, eos, PROMPTS[4], 16)
+
+
+def test_direct_weight_sync_through_the_group(server, serve_source):
+    """Without shared memory (what replicas on other nodes get): a gloo group of the publisher
+    and the replicas, one broadcast into each replica's spare buffer, with requests in flight;
+    twice over the same group."""
+    model, tok, eos = load_model(str(serve_source))
+    client = Client(server.url)
+    publisher = DirectPublisher("default", shared_memory=False)
+    for seed in (21, 22):
+        new = perturbed(model, seed)
+        with ThreadPoolExecutor(2) as ex:
+            busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(2)]
+            result = publisher.publish(new)
+            assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
+        assert result.replicas == 2 and result.shared_memory == 0 and not result.failed
+        assert publisher.pg is not None
+        model.load_state_dict(new)
+        for prompt in PROMPTS[:2]:
+            assert client.complete(prompt, max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
+                model, tok, eos, prompt, 16)
 
 
 def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache, serve_source):

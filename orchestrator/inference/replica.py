@@ -158,8 +158,10 @@ class Replica:
             joined = [s.join.remote(*rendezvous) for s in self.shards]
         self.engine, self.tokenizer = build_engine(checkpoint, options, 0, rendezvous)
         self.expected = expected_shapes(self.engine.model)
-        self.flat = self.spare = None  # the parameters as one buffer, and its twin (direct sync)
+        self.flat = None  # the buffer the parameters point into (direct sync)
+        self.private: tuple = ()  # this replica's two buffers: a broadcast goes into the one not served
         self.sync = None  # (session, process group) of the direct sync
+        self.shared = None  # (session, the publisher's two buffers in shared memory): a direct sync on this node
         if self.shards:
             ray.get(joined)
         self.adds: list[Request] = []  # requests and cancellations for the next step, on every rank
@@ -321,22 +323,25 @@ class Replica:
         return self.version
 
     # -- direct weight sync (weights.DirectPublisher) ---------------------------------------
-    def direct_layout(self) -> tuple[list[tuple[str, tuple[int, ...]]], str] | None:
-        """The parameters' order and shapes in the flat buffer and their dtype; None where the
-        direct path does not apply (tensor-parallel ranks, int8 layers)."""
+    def direct_layout(self) -> tuple[list[tuple[str, tuple[int, ...]]], str, str] | None:
+        """The parameters' order and shapes in the flat buffer, their dtype, and the Ray node this
+        replica runs on; None where the direct path does not apply (tensor-parallel ranks, int8
+        layers)."""
         from orchestrator.inference.quantize import Int8Linear
 
         model = self.engine.model
         if self.shards or any(isinstance(m, Int8Linear) for m in model.modules()):
             return None
         params = list(model.named_parameters())
-        return [(n, tuple(p.shape)) for n, p in params], str(params[0][1].dtype).removeprefix("torch.")
+        return ([(n, tuple(p.shape)) for n, p in params], str(params[0][1].dtype).removeprefix("torch."),
+                ray.get_runtime_context().get_node_id())
 
     def _flatten(self) -> None:
-        """Points the parameters at one buffer (and allocates its twin): a sync then swaps them."""
+        """Points the parameters at one buffer (and allocates its twin): a broadcast goes into the
+        one not served, then the parameters point at it."""
         params = [p for _, p in self.engine.model.named_parameters()]
         self.flat = torch.cat([p.detach().reshape(-1) for p in params])
-        self.spare = torch.empty_like(self.flat)
+        self.private = (self.flat, torch.empty_like(self.flat))
         self._point(self.flat)
 
     def _point(self, flat: torch.Tensor) -> None:
@@ -357,17 +362,44 @@ class Replica:
         pg = await asyncio.to_thread(sync_group, host, port, rank, world, session, device, timeout_s)
         self.sync = (session, pg)
 
-    async def receive_direct(self, version: int, numel: int) -> int:
-        """Takes the broadcast into the spare buffer, then, between two engine steps, points the
-        parameters at it: all of them or, if the broadcast failed, none."""
+    async def join_shared(self, session: str, paths: list[str], numel: int, dtype: str) -> None:
+        """Maps the publisher's two buffers (files in shared memory on this node, which the
+        publisher removes once every replica has them mapped). It writes each publish into the
+        buffer the replicas do not serve from; they then serve from it, with no copy."""
+        if self.direct_layout() is None:
+            raise WeightMismatch("direct weight sync does not apply to this replica (tensor-parallel or int8)")
+        if self.flat is None:
+            self._flatten()
+        self.shared = None
+        if self.flat.is_cuda or self.flat.numel() != numel or str(self.flat.dtype) != f"torch.{dtype}":
+            raise WeightMismatch(f"shared-memory sync: this replica holds {self.flat.numel()} {self.flat.dtype} "
+                                 f"values on {self.flat.device}, the buffers {numel} {dtype}")
+        self.shared = (session, [torch.from_file(p, shared=True, size=numel, dtype=self.flat.dtype) for p in paths])
+
+    async def receive_direct(self, version: int, numel: int, shared: tuple[str, int] | None = None) -> int:
+        """New weights, then, between two engine steps, the parameters pointed at them: all of
+        them or, if the transfer failed, none. From the group: one broadcast into the spare
+        buffer. From shared memory (``shared``: the publisher's session and which of its buffers):
+        the buffer itself."""
         from orchestrator.inference.weights import broadcast
 
-        if self.sync is None or self.spare is None or self.spare.numel() != numel:
-            raise WeightMismatch(f"direct sync: this replica expects {None if self.spare is None else self.spare.numel()} "
+        if shared is not None:
+            if self.shared is None or self.shared[0] != shared[0] or self.shared[1][shared[1]].numel() != numel:
+                raise WeightMismatch("shared-memory sync: this replica has not mapped this publisher's buffers "
+                                     "(another publisher joined it since)")
+            self._point(self.shared[1][shared[1]])
+            self.flat = self.shared[1][shared[1]]
+            self.engine.weights_changed()
+            self.version = max(self.version, version)
+            return self.version
+        if self.sync is None or not self.private or self.flat.numel() != numel:
+            raise WeightMismatch(f"direct sync: this replica expects {None if self.flat is None else self.flat.numel()} "
                                  f"values in a joined group, got {numel}")
-        await asyncio.to_thread(broadcast, self.sync[1], self.spare)
-        self._point(self.spare)  # back on the loop: between two steps
-        self.flat, self.spare = self.spare, self.flat
+        # Never into a shared buffer: the publisher that owns it may write it later.
+        spare = self.private[1] if self.flat is self.private[0] else self.private[0]
+        await asyncio.to_thread(broadcast, self.sync[1], spare)
+        self._point(spare)  # back on the loop: between two steps
+        self.flat = spare
         self.engine.weights_changed()
         self.version = max(self.version, version)
         return self.version

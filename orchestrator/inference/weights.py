@@ -1,12 +1,16 @@
 """Weight sync from training into a pool's replicas, with no HTTP code (training imports this).
 
-Two paths. Direct (``DirectPublisher``, what training uses): the publisher and the pool's
-replicas form a torch.distributed process group of their own (gloo for CPU tensors, NCCL for
-CUDA ones; not the training ranks' world), made at the first publish and again whenever the
-replicas changed; the weights go as one flat buffer in one broadcast, into a spare buffer of each
-replica, which then points its parameters at it between two engine steps (no copy) and keeps the
-old one as the next spare. Through the store (``publish``, and the fallback for tensor-parallel or
-int8 replicas): the weights go through Ray's object store.
+Two paths. Direct (``DirectPublisher``, what training uses): the weights go into a flat buffer
+the publisher keeps. Replicas on the publisher's Ray node, for CPU weights, map two such buffers
+from shared memory (files in /dev/shm, removed as soon as every replica has them mapped): each
+publish writes the buffer they do not serve from, and each replica then points its parameters
+at it between two engine steps (no copy, no network). Replicas elsewhere (other nodes, CUDA
+weights) and publishers with ``shared_memory=False`` form a torch.distributed process group of
+their own with the publisher (gloo for CPU tensors, NCCL for CUDA ones; not the training ranks'
+world), made at the first publish and again whenever the replicas changed; the buffer goes in
+one broadcast into a spare buffer of each replica, which then points its parameters at it.
+Through the store (``publish``, and the fallback for tensor-parallel or int8 replicas): the
+weights go through Ray's object store.
 
 A sync is all-or-nothing: the names, shapes and dtypes of the sent tensors are checked against
 the model's before any tensor is copied, by the pool's weight store and again by each replica,
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -74,18 +80,21 @@ class PublishResult:
     version: int
     replicas: int  # replicas that took the weights
     failed: list[str] = field(default_factory=list)  # one line per replica that did not
+    shared_memory: int = 0  # of the replicas that took them, those that read them from shared memory
 
 
 @dataclass
 class DirectPlan:
     """What a direct publish needs to know: the version it publishes, the replicas (index, actor
-    handle, actor id), the order and shapes of the parameters in the flat buffer, their dtype."""
+    handle, actor id), the Ray node of each, the order and shapes of the parameters in the flat
+    buffer, their dtype."""
 
     version: int
     members: list[tuple[int, object, str]]
     layout: list[tuple[str, tuple[int, ...]]]
     dtype: str
     expected: dict[str, tuple[int, ...]]
+    nodes: list[str] = field(default_factory=list)
 
 
 class WeightStore:
@@ -98,6 +107,7 @@ class WeightStore:
         self.ref = None  # owned here: it outlives the process that published it
         self.replicas: dict[int, object] = {}
         self.holders: list = []  # after a direct publish: the replicas that took it
+        self.layouts: dict[str, tuple | None] = {}  # actor id -> its direct_layout (fixed for its life)
 
     def set_replica(self, index: int, handle) -> None:
         self.replicas[index] = handle
@@ -115,14 +125,21 @@ class WeightStore:
         """The next version and the replicas for a direct publish, or None where a replica cannot
         take one (tensor-parallel, int8) and the publish goes through the store."""
         handles = dict(self.replicas)
-        layouts = await asyncio.gather(*[h.direct_layout.remote() for h in handles.values()], return_exceptions=True)
-        members = [(i, h, h._actor_id.hex()) for (i, h), lay in zip(handles.items(), layouts)
-                   if not isinstance(lay, BaseException)]
-        usable = [lay for lay in layouts if not isinstance(lay, BaseException)]
+        ids = {i: h._actor_id.hex() for i, h in handles.items()}
+        asked = [i for i in handles if ids[i] not in self.layouts]
+        answers = await asyncio.gather(*[handles[i].direct_layout.remote() for i in asked], return_exceptions=True)
+        for i, lay in zip(asked, answers):
+            if not isinstance(lay, BaseException):
+                self.layouts[ids[i]] = lay
+        live = set(ids.values())
+        self.layouts = {k: v for k, v in self.layouts.items() if k in live}
+        members = [(i, h, ids[i]) for i, h in handles.items() if ids[i] in self.layouts]
+        usable = [self.layouts[m[2]] for m in members]
         if not usable or any(lay is None for lay in usable):
             return None
         self.version += 1
-        return DirectPlan(self.version, members, usable[0][0], usable[0][1], self.expected)
+        return DirectPlan(self.version, members, usable[0][0], usable[0][1], self.expected,
+                          [lay[2] for lay in usable])
 
     def record_direct(self, version: int, holders: list) -> None:
         if version == self.version:
@@ -185,29 +202,89 @@ def sync_group(host: str, port: int, rank: int, world: int, session: str, device
     return dist.ProcessGroupGloo(store, rank, world, timeout)
 
 
-class DirectPublisher:
-    """The publishing end of the direct weight sync (a training job's rank 0, a benchmark)."""
+def shared_file(nbytes: int) -> str | None:
+    """A new file of ``nbytes`` in /dev/shm with its room taken, or None where there is no room (a
+    write past a tmpfs's room would end the process with SIGBUS, so the room is reserved first)."""
+    import uuid
 
-    def __init__(self, pool: str, timeout_s: float = 60.0):
+    path = f"/dev/shm/forgeline-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError:
+        os.unlink(path)
+        return None
+    finally:
+        os.close(fd)
+    return path
+
+
+class DirectPublisher:
+    """The publishing end of the direct weight sync (a training job's rank 0, a benchmark).
+
+    The weights go into a flat buffer kept from publish to publish. For CPU weights, replicas on
+    this Ray node map two such buffers from shared memory (the CPU counterpart of the CUDA IPC
+    handles colocated RL frameworks pass): each publish writes the one they do not serve from,
+    and they then serve from it, with no copy and no network. The others (other nodes, CUDA
+    weights, ``shared_memory=False``) join a process group of their own and take one broadcast."""
+
+    def __init__(self, pool: str, timeout_s: float = 60.0, shared_memory: bool = True):
         self.pool = pool
         self.timeout_s = timeout_s
+        self.shared_memory = shared_memory
         self.pg = None
         self.member_ids: list[str] = []
+        self.buffers: list = []  # [one] or, with replicas on shared memory, [two] flat buffers
+        self.turn = 0  # the buffer the next publish writes
+        self.session = ""
+        self.by_shared: set[str] = set()  # the replicas (actor ids) that read the buffers from shared memory
+        self.link = None  # a new object at each connection (tests tell them apart)
 
-    def _connect(self, plan: DirectPlan, device: str) -> None:
+    def _connect(self, plan: DirectPlan, device: str, dtype) -> None:
         import uuid
 
         import ray
+        import torch
 
         from orchestrator.worker import free_port
 
-        host, port = ray.util.get_node_ip_address(), free_port()
-        session, world = uuid.uuid4().hex, len(plan.members) + 1
-        joined = [h.join_sync.remote(host, port, rank + 1, world, session, self.timeout_s)
-                  for rank, (_, h, _) in enumerate(plan.members)]
-        self.pg = sync_group(host, port, 0, world, session, device, self.timeout_s)  # waits for every member
-        ray.get(joined, timeout=self.timeout_s)
+        numel = sum(math.prod(shape) for _, shape in plan.layout)
+        self.pg, self.buffers, self.turn, self.by_shared, self.member_ids = None, [], 0, set(), []
+        self.session = uuid.uuid4().hex
+        here = ray.get_runtime_context().get_node_id()
+        local = [m for m, node in zip(plan.members, plan.nodes) if node == here]
+        paths = []
+        if local and device == "cpu" and self.shared_memory:
+            paths = [p for p in (shared_file(numel * dtype.itemsize) for _ in range(2)) if p is not None]
+        try:
+            if len(paths) == 2:
+                self.buffers = [torch.from_file(p, shared=True, size=numel, dtype=dtype) for p in paths]
+                joined = [h.join_shared.remote(self.session, paths, numel, plan.dtype) for _, h, _ in local]
+                for member, ref in zip(local, joined):
+                    try:
+                        ray.get(ref, timeout=self.timeout_s)
+                        self.by_shared.add(member[2])
+                    except Exception as exc:  # it joins the group instead
+                        log.warning("replica %d cannot map the shared buffers (%s); it takes a broadcast",
+                                    member[0], str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        finally:
+            for p in paths:
+                os.unlink(p)  # the mappings stay; nothing is left behind if a process dies
+        others = [m for m in plan.members if m[2] not in self.by_shared]
+        if others:
+            host, port = ray.util.get_node_ip_address(), free_port()
+            session, world = self.session, len(others) + 1
+            joined = [h.join_sync.remote(host, port, rank + 1, world, session, self.timeout_s)
+                      for rank, (_, h, _) in enumerate(others)]
+            self.pg = sync_group(host, port, 0, world, session, device, self.timeout_s)  # waits for every member
+            ray.get(joined, timeout=self.timeout_s)
+        if not self.buffers:
+            self.buffers = [torch.empty(numel, dtype=dtype, device=device)]
         self.member_ids = [m[2] for m in plan.members]
+        self.link = object()
 
     def publish(self, weights: dict) -> PublishResult:
         """Raises WeightMismatch (nothing sent) or PoolNotFound; a replica that fails is counted."""
@@ -221,12 +298,20 @@ class DirectPublisher:
         check(weights, plan.expected)
         device = "cuda" if any(w.is_cuda for w in weights.values()) else "cpu"
         dtype = getattr(torch, plan.dtype)
-        flat = torch.cat([weights[name].detach().reshape(-1).to(device, dtype) for name, _ in plan.layout])
-        if [m[2] for m in plan.members] != self.member_ids:
-            self._connect(plan, device)  # the first publish, or the replicas changed
-        taking = [h.receive_direct.remote(plan.version, flat.numel()) for _, h, _ in plan.members]
+        if [m[2] for m in plan.members] != self.member_ids or self.buffers[0].device.type != device:
+            self._connect(plan, device, dtype)  # the first publish, or the replicas changed
+        buffer = self.buffers[self.turn]
+        offset = 0
+        for name, shape in plan.layout:  # into a kept buffer: no allocation, no page faults
+            n = math.prod(shape)
+            buffer[offset:offset + n].copy_(weights[name].detach().reshape(-1))
+            offset += n
+        shared = (self.session, self.turn)
+        taking = [h.receive_direct.remote(plan.version, offset, shared if actor in self.by_shared else None)
+                  for _, h, actor in plan.members]
         try:
-            broadcast(self.pg, flat)
+            if self.pg is not None:
+                broadcast(self.pg, buffer)
         except Exception:
             self.member_ids = []  # a member left mid-way: a new group next time
             raise
@@ -238,6 +323,13 @@ class DirectPublisher:
                 results[n] = exc
         failed = [f"replica {m[0]}: {type(r).__name__}: {str(r).splitlines()[0] if str(r) else ''}"
                   for m, r in zip(plan.members, results) if isinstance(r, BaseException)]
-        ray.get(store.record_direct.remote(plan.version, [m[1] for m, r in zip(plan.members, results)
-                                                          if not isinstance(r, BaseException)]))
-        return PublishResult(plan.version, len(taking) - len(failed), failed)
+        if failed:  # one may still serve from the buffer the next publish would write: new ones then
+            self.member_ids = []
+        else:
+            self.turn = (self.turn + 1) % len(self.buffers)
+        # Not waited for: the store runs this caller's calls in order, so the next plan follows it.
+        store.record_direct.remote(plan.version, [m[1] for m, r in zip(plan.members, results)
+                                                  if not isinstance(r, BaseException)])
+        took_shared = sum(1 for m, r in zip(plan.members, results)
+                          if m[2] in self.by_shared and not isinstance(r, BaseException))
+        return PublishResult(plan.version, len(taking) - len(failed), failed, took_shared)
