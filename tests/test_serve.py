@@ -273,6 +273,22 @@ def test_weight_sync_during_traffic(server, serve_source):
     assert json.loads(json.dumps(client.health()))["replicas"] == 2
 
 
+def publish_during_traffic(publisher, client, model, tok, eos, seed: int):
+    """Publishes perturbed weights with 3 requests in flight (each must finish), then checks
+    greedy output against the new weights (which ``model`` then holds); returns the result."""
+    new = perturbed(model, seed)
+    with ThreadPoolExecutor(3) as ex:
+        busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(3)]
+        result = publisher.publish(new)
+        assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
+    assert result.replicas == 2 and not result.failed, result
+    model.load_state_dict(new)
+    for prompt in PROMPTS[:3]:
+        assert client.complete(prompt, max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
+            model, tok, eos, prompt, 16)
+    return result
+
+
 def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve_source):
     """The direct path, replicas on the publisher's node (two buffers in shared memory that the
     replicas serve from in turn): with requests in flight, then again over the same buffers
@@ -284,16 +300,7 @@ def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve
     pool = server.server.pool
     publisher = DirectPublisher("default")
     for seed in (11, 12):
-        new = perturbed(model, seed)
-        with ThreadPoolExecutor(3) as ex:
-            busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(3)]
-            result = publisher.publish(new)
-            assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
-        assert result.replicas == 2 and result.shared_memory == 2 and not result.failed
-        model.load_state_dict(new)
-        for prompt in PROMPTS[:3]:
-            assert client.complete(prompt, max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
-                model, tok, eos, prompt, 16)
+        assert publish_during_traffic(publisher, client, model, tok, eos, seed).shared_memory == 2
     assert publisher.pg is None and not list(Path("/dev/shm").glob(f"forgeline-sync-{os.getpid()}-*"))
     group = publisher.link
     again = perturbed(model, 14)
@@ -323,17 +330,8 @@ def test_direct_weight_sync_through_the_group(server, serve_source):
     client = Client(server.url)
     publisher = DirectPublisher("default", shared_memory=False)
     for seed in (21, 22):
-        new = perturbed(model, seed)
-        with ThreadPoolExecutor(2) as ex:
-            busy = [ex.submit(client.complete, PROMPTS[1], max_tokens=32, temperature=0) for _ in range(2)]
-            result = publisher.publish(new)
-            assert all(f.result()["choices"][0]["finish_reason"] for f in busy)
-        assert result.replicas == 2 and result.shared_memory == 0 and not result.failed
+        assert publish_during_traffic(publisher, client, model, tok, eos, seed).shared_memory == 0
         assert publisher.pg is not None
-        model.load_state_dict(new)
-        for prompt in PROMPTS[:2]:
-            assert client.complete(prompt, max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
-                model, tok, eos, prompt, 16)
 
 
 def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache, serve_source):
