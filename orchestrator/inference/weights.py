@@ -242,6 +242,7 @@ class DirectPublisher:
         self.session = ""
         self.by_shared: set[str] = set()  # the replicas (actor ids) that read the buffers from shared memory
         self.link = None  # a new object at each connection (tests tell them apart)
+        self.layout: list = []  # the replicas' parameter order and shapes, from the last plan
 
     def _connect(self, plan: DirectPlan, device: str, dtype) -> None:
         import uuid
@@ -284,7 +285,22 @@ class DirectPublisher:
         if not self.buffers:
             self.buffers = [torch.empty(numel, dtype=dtype, device=device)]
         self.member_ids = [m[2] for m in plan.members]
+        self.layout = plan.layout
         self.link = object()
+
+    def _fill(self, weights: dict) -> int | None:
+        """The weights, in ``self.layout``'s order, into the buffer the next publish writes (kept:
+        no allocation, no page faults); the values written, or None where they do not fit."""
+        buffer = self.buffers[self.turn]
+        offset = 0
+        try:
+            for name, shape in self.layout:
+                n = math.prod(shape)
+                buffer[offset:offset + n].copy_(weights[name].detach().reshape(-1))
+                offset += n
+        except (KeyError, RuntimeError):
+            return None
+        return offset if offset == buffer.numel() else None
 
     def publish(self, weights: dict) -> PublishResult:
         """Raises WeightMismatch (nothing sent) or PoolNotFound; a replica that fails is counted."""
@@ -292,20 +308,24 @@ class DirectPublisher:
         import torch
 
         store = find_store(self.pool)
-        plan: DirectPlan | None = ray.get(store.direct_plan.remote(), timeout=self.timeout_s)
+        asked = store.direct_plan.remote()
+        device = "cuda" if any(w.is_cuda for w in weights.values()) else "cpu"
+        # While the store answers: the weights into the buffer the next publish writes, by the
+        # last connection's layout (nothing serves from that buffer; checked below).
+        filled = self._fill(weights) if self.member_ids and self.buffers[0].device.type == device else None
+        plan: DirectPlan | None = ray.get(asked, timeout=self.timeout_s)
         if plan is None:
             return ray.get(store.publish.remote(weights), timeout=self.timeout_s)
         check(weights, plan.expected)
-        device = "cuda" if any(w.is_cuda for w in weights.values()) else "cpu"
-        dtype = getattr(torch, plan.dtype)
         if [m[2] for m in plan.members] != self.member_ids or self.buffers[0].device.type != device:
-            self._connect(plan, device, dtype)  # the first publish, or the replicas changed
-        buffer = self.buffers[self.turn]
-        offset = 0
-        for name, shape in plan.layout:  # into a kept buffer: no allocation, no page faults
-            n = math.prod(shape)
-            buffer[offset:offset + n].copy_(weights[name].detach().reshape(-1))
-            offset += n
+            self._connect(plan, device, getattr(torch, plan.dtype))  # the first publish, or the replicas changed
+            filled = None
+        if filled is None or plan.layout != self.layout:
+            self.layout = plan.layout
+            filled = self._fill(weights)
+        if filled is None:
+            raise WeightMismatch("weights do not fit the replicas' layout (nothing was sent)")
+        buffer, offset = self.buffers[self.turn], filled
         shared = (self.session, self.turn)
         taking = [h.receive_direct.remote(plan.version, offset, shared if actor in self.by_shared else None)
                   for _, h, actor in plan.members]
