@@ -302,9 +302,9 @@ def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve
     for seed in (11, 12):
         assert publish_during_traffic(publisher, client, model, tok, eos, seed).shared_memory == 2
     assert publisher.pg is None and not list(Path("/dev/shm").glob(f"forgeline-sync-{os.getpid()}-*"))
-    group = publisher.link
+    group = publisher.session
     again = perturbed(model, 14)
-    assert publisher.publish(again).replicas == 2 and publisher.link is group  # the same buffers
+    assert publisher.publish(again).replicas == 2 and publisher.session == group  # the same buffers
     model.load_state_dict(again)
     replaced = pool.replaced
     ray.kill(pool.slots[0].handle, no_restart=True)
@@ -316,7 +316,7 @@ def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve
     assert on_replica(server, pool.slots[0], Request("r", tuple(tok.encode(PROMPTS[4]).ids), 16)).text == want
     newest = perturbed(model, 13)
     result = publisher.publish(newest)
-    assert result.replicas == 2 and publisher.link is not group
+    assert result.replicas == 2 and publisher.session != group
     model.load_state_dict(newest)
     assert client.complete(PROMPTS[4], max_tokens=16, temperature=0)["choices"][0]["text"] == reference(
         model, tok, eos, PROMPTS[4], 16)

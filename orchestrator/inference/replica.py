@@ -350,13 +350,17 @@ class Replica:
             p.data = flat[offset:offset + p.numel()].view(p.shape)
             offset += p.numel()
 
-    async def join_sync(self, host: str, port: int, rank: int, world: int, session: str, timeout_s: float) -> None:
-        from orchestrator.inference.weights import sync_group
-
+    def _direct_ready(self) -> None:
+        """Refuses where the direct path does not apply; the parameters in one buffer."""
         if self.direct_layout() is None:
             raise WeightMismatch("direct weight sync does not apply to this replica (tensor-parallel or int8)")
         if self.flat is None:
             self._flatten()
+
+    async def join_sync(self, host: str, port: int, rank: int, world: int, session: str, timeout_s: float) -> None:
+        from orchestrator.inference.weights import sync_group
+
+        self._direct_ready()
         device = "cuda" if self.flat.is_cuda else "cpu"
         self.sync = None
         pg = await asyncio.to_thread(sync_group, host, port, rank, world, session, device, timeout_s)
@@ -366,10 +370,7 @@ class Replica:
         """Maps the publisher's two buffers (files in shared memory on this node, which the
         publisher removes once every replica has them mapped). It writes each publish into the
         buffer the replicas do not serve from; they then serve from it, with no copy."""
-        if self.direct_layout() is None:
-            raise WeightMismatch("direct weight sync does not apply to this replica (tensor-parallel or int8)")
-        if self.flat is None:
-            self._flatten()
+        self._direct_ready()
         self.shared = None
         if self.flat.is_cuda or self.flat.numel() != numel or str(self.flat.dtype) != f"torch.{dtype}":
             raise WeightMismatch(f"shared-memory sync: this replica holds {self.flat.numel()} {self.flat.dtype} "
@@ -387,19 +388,17 @@ class Replica:
             if self.shared is None or self.shared[0] != shared[0] or self.shared[1][shared[1]].numel() != numel:
                 raise WeightMismatch("shared-memory sync: this replica has not mapped this publisher's buffers "
                                      "(another publisher joined it since)")
-            self._point(self.shared[1][shared[1]])
-            self.flat = self.shared[1][shared[1]]
-            self.engine.weights_changed()
-            self.version = max(self.version, version)
-            return self.version
-        if self.sync is None or not self.private or self.flat.numel() != numel:
-            raise WeightMismatch(f"direct sync: this replica expects {None if self.flat is None else self.flat.numel()} "
-                                 f"values in a joined group, got {numel}")
-        # Never into a shared buffer: the publisher that owns it may write it later.
-        spare = self.private[1] if self.flat is self.private[0] else self.private[0]
-        await asyncio.to_thread(broadcast, self.sync[1], spare)
-        self._point(spare)  # back on the loop: between two steps
-        self.flat = spare
+            target = self.shared[1][shared[1]]
+        else:
+            if self.sync is None or not self.private or self.flat.numel() != numel:
+                raise WeightMismatch(f"direct sync: this replica expects "
+                                     f"{None if self.flat is None else self.flat.numel()} values in a joined group, "
+                                     f"got {numel}")
+            # Never into a shared buffer: the publisher that owns it may write it later.
+            target = self.private[1] if self.flat is self.private[0] else self.private[0]
+            await asyncio.to_thread(broadcast, self.sync[1], target)
+        self._point(target)  # on the loop: between two steps
+        self.flat = target
         self.engine.weights_changed()
         self.version = max(self.version, version)
         return self.version

@@ -239,9 +239,8 @@ class DirectPublisher:
         self.member_ids: list[str] = []
         self.buffers: list = []  # [one] or, with replicas on shared memory, [two] flat buffers
         self.turn = 0  # the buffer the next publish writes
-        self.session = ""
+        self.session = ""  # new at each connection
         self.by_shared: set[str] = set()  # the replicas (actor ids) that read the buffers from shared memory
-        self.link = None  # a new object at each connection (tests tell them apart)
         self.layout: list = []  # the replicas' parameter order and shapes, from the last plan
 
     def _connect(self, plan: DirectPlan, device: str, dtype) -> None:
@@ -286,7 +285,6 @@ class DirectPublisher:
             self.buffers = [torch.empty(numel, dtype=dtype, device=device)]
         self.member_ids = [m[2] for m in plan.members]
         self.layout = plan.layout
-        self.link = object()
 
     def _fill(self, weights: dict) -> int | None:
         """The weights, in ``self.layout``'s order, into the buffer the next publish writes (kept:
@@ -319,9 +317,6 @@ class DirectPublisher:
         check(weights, plan.expected)
         if [m[2] for m in plan.members] != self.member_ids or self.buffers[0].device.type != device:
             self._connect(plan, device, getattr(torch, plan.dtype))  # the first publish, or the replicas changed
-            filled = None
-        if filled is None or plan.layout != self.layout:
-            self.layout = plan.layout
             filled = self._fill(weights)
         if filled is None:
             raise WeightMismatch("weights do not fit the replicas' layout (nothing was sent)")

@@ -401,7 +401,7 @@ class Preparation:
                 report["tokenize"] = self._tokenize(kept, write=True)
             else:
                 self._write(kept).materialize()
-            report["passes_s"]["write" + "_and_tokenize" * tokenize] = round(time.perf_counter() - t0, 3)
+            report["passes_s"]["write_and_tokenize" if tokenize else "write"] = round(time.perf_counter() - t0, 3)
             self.log(f"documents: {report['stages'][0]['docs_in']} read, {report['stages'][-1]['docs_out']} kept -> "
                      f"{self.out.url('documents')}")
             self.out.write_text(json.dumps(report, indent=1), REPORT)
