@@ -4,6 +4,7 @@ and with prefix-cache hits; a sample in a group is the same sample as alone with
 from __future__ import annotations
 
 import pytest
+import torch
 
 from orchestrator.inference.engine import GenerationEngine
 from orchestrator.inference.replica import load_model
@@ -103,3 +104,49 @@ def test_reset_mid_flight_starts_clean(plain):
     engine.reset()
     assert not engine.busy and engine.pool.n_free == engine.pool.total and engine.prefix.lookup(ids(tok, LONG)) == []
     assert run(engine, [Request("c", ids(tok, LONG), 16)])["c"] == want
+
+
+def test_joined_projections_compute_what_the_blocks_compute(serve_source):
+    """Where it can, the engine runs the blocks from their weights with (wq, wk, wv) and (w_gate,
+    w_up) joined into one matrix each (views of the parameters, which it puts in one buffer). The
+    modules' own forward gives the same greedy text and the same log-probabilities to rounding;
+    new weights are used from the next step, whether copied in place or the parameters pointed
+    at new memory, and where the joined weights had to be copies."""
+    from orchestrator.inference.engine import point_parameters
+    from tests.serving import perturbed
+
+    model, tok, eos = load_model(str(serve_source))
+
+    def logprobs(engine) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for r in [Request(str(i), ids(tok, p), 24, logprobs=0) for i, p in enumerate(PROMPTS)]:
+            engine.add(r)
+        while engine.busy:
+            for event in engine.step():
+                out.setdefault(event.id, []).extend(lp.logprob for lp in event.logprobs)
+        return out
+
+    fast = GenerationEngine(model, tok, eos, block_size=4, num_blocks=128, max_batch=8)
+    modules = GenerationEngine(model, tok, eos, block_size=4, num_blocks=128, max_batch=8)
+    modules.fused = False
+    assert fast.fused
+    a, b = logprobs(fast), logprobs(modules)
+    assert a.keys() == b.keys() and all(len(a[k]) == len(b[k]) for k in a)
+    assert max(abs(x - y) for k in a for x, y in zip(a[k], b[k])) < 1e-4
+    assert run(fast, [Request("r", ids(tok, LONG), 16)])["r"] == run(modules, [Request("r", ids(tok, LONG), 16)])["r"]
+
+    def check() -> None:
+        fast.weights_changed()
+        assert run(fast, [Request("x", ids(tok, LONG), 16)])["x"] == reference(model, tok, eos, LONG, 16)
+
+    model.load_state_dict(perturbed(model, 1))  # in place
+    check()
+    values = perturbed(model, 2)
+    point_parameters(model, torch.cat([values[n].reshape(-1) for n, _ in model.named_parameters()]))
+    check()
+    wk = model.layers["0"].attn.wk.weight
+    wk.data = wk.data.clone()  # no longer next to wq: the joined matrix is a copy
+    check()
+    with torch.no_grad():
+        wk.mul_(1.5)  # in place: the copy is made again
+    check()

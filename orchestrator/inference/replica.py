@@ -16,7 +16,7 @@ from datetime import timedelta
 import ray
 import torch
 
-from orchestrator.inference.engine import GenerationEngine
+from orchestrator.inference.engine import GenerationEngine, flat_parameters, point_parameters
 from orchestrator.inference.types import EngineOptions, Event, ReplicaInfo, Request, Stats, kv_bytes_per_token
 from orchestrator.inference.weights import WeightMismatch, check, expected_shapes
 
@@ -337,18 +337,13 @@ class Replica:
                 ray.get_runtime_context().get_node_id())
 
     def _flatten(self) -> None:
-        """Points the parameters at one buffer (and allocates its twin): a broadcast goes into the
-        one not served, then the parameters point at it."""
-        params = [p for _, p in self.engine.model.named_parameters()]
-        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        """The buffer the parameters point into (the engine made one) and its twin: a broadcast
+        goes into the one not served, then the parameters point at it."""
+        self.flat = flat_parameters(self.engine.model)
         self.private = (self.flat, torch.empty_like(self.flat))
-        self._point(self.flat)
 
     def _point(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for _, p in self.engine.model.named_parameters():
-            p.data = flat[offset:offset + p.numel()].view(p.shape)
-            offset += p.numel()
+        point_parameters(self.engine.model, flat)
 
     def _direct_ready(self) -> None:
         """Refuses where the direct path does not apply; the parameters in one buffer."""
