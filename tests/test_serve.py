@@ -23,7 +23,7 @@ from orchestrator.inference.config import compose
 from orchestrator.inference.replica import load_model
 from orchestrator.inference.server import Background, build
 from orchestrator.inference.types import Request
-from orchestrator.inference.weights import DirectPublisher, WeightMismatch
+from orchestrator.inference.weights import DirectPublisher, WeightMismatch, publish
 from orchestrator.job import run_job
 from orchestrator.models.generate import sample
 from tests.conftest import parity_overrides
@@ -303,8 +303,13 @@ def test_direct_weight_sync_during_traffic_and_after_a_replacement(server, serve
         assert publish_during_traffic(publisher, client, model, tok, eos, seed).shared_memory == 2
     assert publisher.pg is None and not list(Path("/dev/shm").glob(f"forgeline-sync-{os.getpid()}-*"))
     group = publisher.session
+    # Another publish through the store in between: the direct publisher's early send is labelled
+    # with a version the store no longer gives next, so it publishes again by the store's plan.
+    stored = publish("default", perturbed(model, 15))
     again = perturbed(model, 14)
-    assert publisher.publish(again).replicas == 2 and publisher.session == group  # the same buffers
+    result = publisher.publish(again)
+    assert result.replicas == 2 and result.version == stored.version + 1 and publisher.session == group
+    assert [ray.get(slot.handle.stats.remote()).weights_version for slot in pool.slots] == [result.version] * 2
     model.load_state_dict(again)
     replaced = pool.replaced
     ray.kill(pool.slots[0].handle, no_restart=True)
