@@ -129,6 +129,22 @@ class Chunks(torch.Tensor):
         return f"Chunks(size={tuple(self.shape)}, pieces={[(o, tuple(t.shape)) for o, t in self._pieces]})"
 
 
+def local_pieces(value: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """This rank's part of a checkpoint entry as rectangular pieces (offsets in the full tensor,
+    values): a plain tensor whole, a DTensor's local shard, Chunks' pieces."""
+    if isinstance(value, Chunks):
+        return list(value.pieces)
+    if isinstance(value, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        local = value.to_local()
+        if tuple(local.shape) != tuple(shape):  # a padded shard: its leading part
+            local = local[tuple(slice(0, n) for n in shape)]
+        return [(tuple(offsets), local)] if local.numel() else []
+    return [((0,) * value.dim(), value)]
+
+
 def local_bytes(value: torch.Tensor) -> int:
     """Bytes this rank holds of a checkpoint entry."""
     if isinstance(value, Chunks):

@@ -6,6 +6,7 @@ reports one metrics dict per step through ``report``; only rank 0 reports.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Generator
@@ -54,6 +55,9 @@ class Trainer:
         self.device = device
         self.run_id = run_id
         self._publisher = None  # the direct weight sync to an inference pool, made at the first publish
+        self._shard_owner: dict | None = None  # publish from shards: the rank that writes each piece
+        self._writer = None
+        self._covered: dict = {}  # publish from shards: each weight's full shape
         strategy = strategies.get(job.strategy.name)
         self.plan = plan
         torch.manual_seed(job.seed)
@@ -283,13 +287,19 @@ class Trainer:
         return time.perf_counter() - start
 
     def publish_weights(self, pool: str | None = None) -> dict:
-        """Full weights to the inference pool (collective: the state is gathered on rank 0).
-        Rank 0 times the send against a plain in-memory copy of the same tensors. A publish that
-        fails (no such pool, mismatched weights, a replica that did not take them) is logged and
-        counted; training goes on."""
+        """Full weights to the inference pool (collective). Where every rank can write its own
+        pieces into the publisher's shared buffers (``_publish_pieces``), nothing is gathered;
+        else the state is gathered on rank 0, which sends it. Rank 0 times the send against a
+        plain in-memory copy of the same bytes. A publish that fails (no such pool, mismatched
+        weights, a replica that did not take them) is logged and counted; training goes on."""
         from orchestrator import lora
         from orchestrator.inference.weights import DirectPublisher
 
+        if self._publisher is None and self.rank == 0:
+            self._publisher = DirectPublisher(pool or self.job.inference.pool)
+        timing = self._publish_pieces()
+        if timing is not None:
+            return timing
         weights = self.engine.gather_weights()
         if self.rank != 0:
             return {}
@@ -298,12 +308,15 @@ class Trainer:
             weights = lora.merge(self._pretrained_weights(), weights, opts.rank, opts.alpha)  # adapters -> full
         # On CUDA the weights stay there: the direct sync then broadcasts them over NCCL.
         weights = {k: v.detach() if v.is_cuda else v.detach().cpu() for k, v in weights.items()}
-        start = time.perf_counter()
+        return self._timed_send(lambda: self._publisher.publish(weights), time.perf_counter(),
+                                list(weights.values()), "gathered")
+
+    def _timed_send(self, send, start: float, tensors: list, route: str) -> dict:
+        """Runs ``send`` (-> PublishResult), logging what failed; the sync's figures (its time
+        from ``start``) against a plain in-memory copy (clone) of the same tensors."""
         replicas, failed = 0, 0
-        if self._publisher is None:
-            self._publisher = DirectPublisher(pool or self.job.inference.pool)
         try:
-            result = self._publisher.publish(weights)
+            result = send()
             replicas, failed = result.replicas, len(result.failed)
             for line in result.failed:
                 log.warning("weight sync at step %d: %s", self.step, line)
@@ -312,12 +325,76 @@ class Trainer:
             log.warning("weight sync at step %d failed: %s", self.step, str(exc).splitlines()[0] if str(exc) else exc)
         sync_s = time.perf_counter() - start
         start = time.perf_counter()
-        copied = {k: v.clone() for k, v in weights.items()}
+        copied = [t.clone() for t in tensors]
         copy_s = time.perf_counter() - start
         del copied
         return {"inference.sync_s": sync_s, "inference.copy_s": copy_s, "inference.replicas": float(replicas),
-                "inference.sync_failed": float(failed),
-                "inference.bytes": float(sum(v.numel() * v.element_size() for v in weights.values()))}
+                "inference.sync_failed": float(failed), "inference.sync_from_shards": float(route == "shards"),
+                "inference.bytes": float(sum(t.numel() * t.element_size() for t in tensors))}
+
+    def _publish_pieces(self) -> dict | None:
+        """A publish with no gather (collective): rank 0 opens the publisher's two buffers in
+        shared memory (DirectPublisher.open_shared), every rank writes the pieces of the weights
+        it holds (its checkpoint entries: FSDP and tensor-parallel shards, ZeRO's fp32
+        partitions, replicated tensors once), and rank 0 tells the replicas. None where it does
+        not apply (a single process, a LoRA job, CUDA weights, no replica on rank 0's node, a
+        rank on another node): the caller gathers instead."""
+        import torch.distributed as dist
+
+        from orchestrator.dcp import local_pieces
+        from orchestrator.inference.weights import SharedWriter
+
+        if not dist.is_initialized() or dist.get_world_size() == 1 or self.job.finetune.lora.rank \
+                or self.device.type != "cpu":
+            return None
+        state = self.engine.checkpoint_state()
+        mine = [(key[len("model."):], o, v) for key, value in state.items() if key.startswith("model.")
+                for o, v in local_pieces(value)]
+        if self._shard_owner is None:  # once: who writes each piece (the lowest rank holding it)
+            keys = [(name, tuple(state["model." + name].shape), o, tuple(v.shape)) for name, o, v in mine]
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, keys)
+            owner: dict = {}
+            for rank, held in enumerate(every):
+                for k in held:
+                    owner.setdefault(k, rank)
+            covered: dict = {}
+            for name, shape, _, size in owner:
+                covered[name] = (shape, covered.get(name, (shape, 0))[1] + math.prod(size))
+            complete = all(n == math.prod(shape) for shape, n in covered.values())
+            self._shard_owner = owner if complete else {}
+            self._covered = {name: shape for name, (shape, _) in covered.items()}
+            self._writer = SharedWriter()
+        if not self._shard_owner:
+            return None
+        start = time.perf_counter()
+        target = [None]
+        if self.rank == 0:
+            try:
+                target[0] = self._publisher.open_shared()
+            except Exception as exc:
+                log.warning("weight sync at step %d: no shared buffers (%s); gathering instead", self.step,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        dist.broadcast_object_list(target, src=0)
+        if target[0] is None:
+            return None
+        layout = dict(target[0].layout)
+        if any(self._covered.get(name) != tuple(shape) for name, shape in layout.items()):
+            if self.rank == 0:  # the whole weights then, checked against the pool's by the publisher
+                self._publisher.release_files()
+            return None
+        ok = self._writer.write(target[0], [(name, o, v) for name, o, v in mine if name in layout and
+                                            self._shard_owner.get((name, layout[name], o, tuple(v.shape))) == self.rank])
+        flag = torch.tensor([1 if ok else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if self.rank == 0:
+            self._publisher.release_files()
+        if not int(flag):  # a rank cannot write them (another node): gathered from now on
+            self._shard_owner = {}
+            return None
+        if self.rank != 0:
+            return {}
+        return self._timed_send(self._publisher.send_written, start, [self._publisher.buffers[0]], "shards")
 
     @property
     def can_evaluate(self) -> bool:

@@ -339,14 +339,18 @@ def test_direct_weight_sync_through_the_group(server, serve_source):
         assert publisher.pg is not None
 
 
-def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache, serve_source):
-    """A job on the pool's Ray cluster syncs every 2 steps; afterwards the pool serves its weights."""
-    summary = run_job(compose_job(parity_overrides(tmp_path, data_cache, "strategy=ddp", "cluster.num_workers=2",
+@pytest.mark.parametrize("strategy", ["strategy=zero3", "strategy=tp"])
+def test_training_job_publishes_weights_to_the_pool(server, tmp_path, data_cache, serve_source, strategy):
+    """A job on the pool's Ray cluster syncs every 2 steps, each rank writing the pieces it holds
+    (ZeRO-3's fp32 partitions, tensor-parallel shards) into the shared buffers, nothing gathered;
+    afterwards the pool serves its weights."""
+    summary = run_job(compose_job(parity_overrides(tmp_path, data_cache, strategy, "cluster.num_workers=2",
                                                    "trainer.max_steps=4", f"model.init_from={serve_source}",
                                                    "inference.sync_every=2", "inference.pool=default")))
     assert summary["status"] == "succeeded", summary["error"]
     sync = summary["inference"]
     assert sync["replicas_per_step"] == [None, 2.0, None, 2.0]
+    assert sync["sync_from_shards_per_step"] == [None, 1.0, None, 1.0]
     assert sync["sync_s"] > 0 and sync["copy_s"] > 0
     model, tok, eos = load_model(str(tmp_path))  # the job's final checkpoint: the weights of step 4
     client = Client(server.url)

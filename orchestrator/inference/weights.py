@@ -203,6 +203,55 @@ def sync_group(host: str, port: int, rank: int, world: int, session: str, device
     return dist.ProcessGroupGloo(store, rank, world, timeout)
 
 
+@dataclass(frozen=True)
+class SharedTarget:
+    """Where a publish written by several processes goes (DirectPublisher.open_shared): the
+    connection, the buffers' files to map where the connection is new (else empty), which buffer
+    to write, the parameters' order and shapes in it, its dtype."""
+
+    session: str
+    files: list[str]
+    turn: int
+    layout: list[tuple[str, tuple[int, ...]]]
+    dtype: str
+
+
+class SharedWriter:
+    """One process's part of a publish written by several (a training rank's shards): it maps the
+    publisher's buffers and writes its pieces of the full weights where they go."""
+
+    def __init__(self):
+        self.session = ""
+        self.buffers: list = []
+
+    def write(self, target: SharedTarget, pieces: list[tuple[str, tuple[int, ...], "object"]]) -> bool:
+        """``pieces``: (name, offsets in the full tensor, values). False where this process cannot
+        map the buffers (another node, or files already gone) or a piece does not fit."""
+        import torch
+
+        numel = sum(math.prod(shape) for _, shape in target.layout)
+        try:
+            if target.session != self.session:
+                self.session, self.buffers = "", []
+                if len(target.files) != 2:
+                    return False
+                dtype = getattr(torch, target.dtype)
+                self.buffers = [torch.from_file(p, shared=True, size=numel, dtype=dtype) for p in target.files]
+                self.session = target.session
+            buffer, where, offset = self.buffers[target.turn], {}, 0
+            for name, shape in target.layout:
+                where[name] = (offset, shape)
+                offset += math.prod(shape)
+            for name, offsets, value in pieces:
+                start, shape = where[name]
+                full = buffer[start:start + math.prod(shape)].view(shape)
+                box = tuple(slice(o, o + n) for o, n in zip(offsets, value.shape))
+                full[box].copy_(value.detach())
+        except (OSError, RuntimeError, KeyError, ValueError):
+            return False
+        return True
+
+
 def shared_file(nbytes: int) -> str | None:
     """A new file of ``nbytes`` in /dev/shm with its room taken, or None where there is no room (a
     write past a tmpfs's room would end the process with SIGBUS, so the room is reserved first)."""
@@ -245,8 +294,9 @@ class DirectPublisher:
         self.layout: list = []  # the replicas' parameter order and shapes, from the last plan
         self.plan: DirectPlan | None = None  # the last plan, its version that of the last publish
         self._store_handle = None
+        self.files: list[str] = []  # the shared buffers' files, while others still have to map them
 
-    def _connect(self, plan: DirectPlan, device: str, dtype) -> None:
+    def _connect(self, plan: DirectPlan, device: str, dtype, keep_files: bool = False) -> None:
         import uuid
 
         import ray
@@ -274,8 +324,11 @@ class DirectPublisher:
                         log.warning("replica %d cannot map the shared buffers (%s); it takes a broadcast",
                                     member[0], str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         finally:
-            for p in paths:
-                os.unlink(p)  # the mappings stay; nothing is left behind if a process dies
+            if keep_files and len(paths) == 2 and self.by_shared:
+                self.files = paths  # until release_files: other processes of this node map them too
+            else:
+                for p in paths:
+                    os.unlink(p)  # the mappings stay; nothing is left behind if a process dies
         others = [m for m in plan.members if m[2] not in self.by_shared]
         if others:
             host, port = ray.util.get_node_ip_address(), free_port()
@@ -360,6 +413,42 @@ class DirectPublisher:
         if filled is None:
             raise WeightMismatch("weights do not fit the replicas' layout (nothing was sent)")
         return self._finish(self._send(plan.version, plan.members, filled), store)
+
+    # -- a publish written by several processes of this node (training ranks, each its shards) --
+    def open_shared(self) -> SharedTarget | None:
+        """The store's plan, and where the next publish is to be written: the two buffers in
+        shared memory, the one to write, the layout. None where the buffers are not shared (no
+        replica on this node maps them): the caller publishes whole weights instead. The files
+        stay until ``release_files``."""
+        import ray
+        import torch
+
+        self._drop_files()
+        plan: DirectPlan | None = ray.get(self._store().direct_plan.remote(), timeout=self.timeout_s)
+        if plan is None:
+            return None
+        if [m[2] for m in plan.members] != self.member_ids or self.buffers[0].device.type != "cpu":
+            self._connect(plan, "cpu", getattr(torch, plan.dtype), keep_files=True)
+        self.plan = plan
+        if not self.by_shared or len(self.buffers) != 2:
+            return None
+        return SharedTarget(self.session, list(self.files), self.turn, plan.layout, plan.dtype)
+
+    def release_files(self) -> None:
+        self._drop_files()
+
+    def _drop_files(self) -> None:
+        for p in self.files:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        self.files = []
+
+    def send_written(self) -> PublishResult:
+        """After every writer wrote the buffer ``open_shared`` named: the replicas take it."""
+        return self._finish(self._send(self.plan.version, self.plan.members, self.buffers[self.turn].numel()),
+                            self._store())
 
     def _store(self):
         if self._store_handle is None:
