@@ -17,8 +17,9 @@ then differ) through the server: the hit rate /metrics reports.
 Then weight sync, for 1 and 2 replicas: the model's full weights published by the direct path
 (weights.DirectPublisher: the replicas run on this node, so through its two buffers in shared
 memory; the JSON says how many replicas took which way) and through the store (Ray's object
-store), against a plain in-memory copy (memcpy, a clone) of the same tensors, median of
---sync-rounds; direct and copy rounds alternate, the store's come after.
+store), against plain in-memory copies of the same tensors: a clone (new memory: "copy") and a
+copy into memory already there ("memcpy"); medians of --sync-rounds; direct and copy rounds
+alternate, the store's come after.
 
 Last, the machine's ceiling at the largest client count: the time of one decode step's linear
 layers alone (projections, MLP, output; no attention, cache, sampling or serving) for that many
@@ -103,7 +104,8 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
     weights = {k: v.detach().clone() for k, v in load_model(checkpoint)[0].state_dict().items()
                if not k.startswith("rope_")}
     publisher = DirectPublisher(pool)
-    times: dict[str, list[float]] = {"direct": [], "store": [], "copy": []}
+    times: dict[str, list[float]] = {"direct": [], "store": [], "copy": [], "memcpy": []}
+    flat = torch.empty(sum(v.numel() for v in weights.values()))
     replicas = {}
     publisher.publish(weights)  # the connection is made at the first publish: not timed
     shared = 0
@@ -113,6 +115,12 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
         copied = {k: v.clone() for k, v in weights.items()}
         times["copy"].append(time.perf_counter() - t)
         del copied
+        t = time.perf_counter()
+        offset = 0
+        for v in weights.values():
+            flat[offset:offset + v.numel()].copy_(v.reshape(-1))
+            offset += v.numel()
+        times["memcpy"].append(time.perf_counter() - t)
 
     # Direct and copy alternate; the store's rounds come after (each leaves the replicas and the
     # object store busy for a while, which would be charged to the next direct round).
@@ -129,8 +137,9 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"bytes": sum(v.numel() * v.element_size() for v in weights.values()), "replicas": replicas,
             "direct_from_shared_memory": shared, "direct_through_group": replicas["direct"] - shared,
-            "direct_s": med["direct"], "store_s": med["store"], "copy_s": med["copy"],
-            "direct_over_copy": med["direct"] / med["copy"], "store_over_copy": med["store"] / med["copy"]}
+            "direct_s": med["direct"], "store_s": med["store"], "copy_s": med["copy"], "memcpy_s": med["memcpy"],
+            "direct_over_copy": med["direct"] / med["copy"], "direct_over_memcpy": med["direct"] / med["memcpy"],
+            "store_over_copy": med["store"] / med["copy"]}
 
 
 def group_cost(checkpoint: str, threads: int, n: int = 8, length: int = 128, rounds: int = 5) -> dict:
