@@ -373,6 +373,7 @@ class Trainer:
             try:
                 target[0] = self._publisher.open_shared()
             except Exception as exc:
+                self._publisher.release_files()
                 log.warning("weight sync at step %d: no shared buffers (%s); gathering instead", self.step,
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         dist.broadcast_object_list(target, src=0)

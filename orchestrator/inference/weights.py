@@ -381,6 +381,7 @@ class DirectPublisher:
         import ray
         import torch
 
+        self._drop_files()
         store = self._store()
         asked = store.direct_plan.remote()
         device = "cuda" if any(w.is_cuda for w in weights.values()) else "cpu"
