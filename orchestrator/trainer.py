@@ -55,9 +55,9 @@ class Trainer:
         self.device = device
         self.run_id = run_id
         self._publisher = None  # the direct weight sync to an inference pool, made at the first publish
-        self._shard_owner: dict | None = None  # publish from shards: the rank that writes each piece
+        # Publish from shards: the rank that writes each piece (empty: it does not apply), once.
+        self._shard_owner: dict | None = None
         self._writer = None
-        self._covered: dict = {}  # publish from shards: each weight's full shape
         strategy = strategies.get(job.strategy.name)
         self.plan = plan
         torch.manual_seed(job.seed)
@@ -309,9 +309,9 @@ class Trainer:
         # On CUDA the weights stay there: the direct sync then broadcasts them over NCCL.
         weights = {k: v.detach() if v.is_cuda else v.detach().cpu() for k, v in weights.items()}
         return self._timed_send(lambda: self._publisher.publish(weights), time.perf_counter(),
-                                list(weights.values()), "gathered")
+                                list(weights.values()), from_shards=False)
 
-    def _timed_send(self, send, start: float, tensors: list, route: str) -> dict:
+    def _timed_send(self, send, start: float, tensors: list, from_shards: bool) -> dict:
         """Runs ``send`` (-> PublishResult), logging what failed; the sync's figures (its time
         from ``start``) against a plain in-memory copy (clone) of the same tensors."""
         replicas, failed = 0, 0
@@ -329,7 +329,7 @@ class Trainer:
         copy_s = time.perf_counter() - start
         del copied
         return {"inference.sync_s": sync_s, "inference.copy_s": copy_s, "inference.replicas": float(replicas),
-                "inference.sync_failed": float(failed), "inference.sync_from_shards": float(route == "shards"),
+                "inference.sync_failed": float(failed), "inference.sync_from_shards": float(from_shards),
                 "inference.bytes": float(sum(t.numel() * t.element_size() for t in tensors))}
 
     def _publish_pieces(self) -> dict | None:
@@ -347,23 +347,22 @@ class Trainer:
         if not dist.is_initialized() or dist.get_world_size() == 1 or self.job.finetune.lora.rank \
                 or self.device.type != "cpu":
             return None
-        state = self.engine.checkpoint_state()
-        mine = [(key[len("model."):], o, v) for key, value in state.items() if key.startswith("model.")
+        # (name, full shape, offsets, size) and values of every piece this rank holds
+        mine = [((key[len("model."):], tuple(value.shape), o, tuple(v.shape)), v)
+                for key, value in self.engine.checkpoint_state().items() if key.startswith("model.")
                 for o, v in local_pieces(value)]
-        if self._shard_owner is None:  # once: who writes each piece (the lowest rank holding it)
-            keys = [(name, tuple(state["model." + name].shape), o, tuple(v.shape)) for name, o, v in mine]
+        if self._shard_owner is None:  # who writes each piece: the lowest rank holding it
             every: list = [None] * dist.get_world_size()
-            dist.all_gather_object(every, keys)
+            dist.all_gather_object(every, [k for k, _ in mine])
             owner: dict = {}
             for rank, held in enumerate(every):
                 for k in held:
                     owner.setdefault(k, rank)
-            covered: dict = {}
+            held_values: dict = {}  # name -> (full shape, values held by someone)
             for name, shape, _, size in owner:
-                covered[name] = (shape, covered.get(name, (shape, 0))[1] + math.prod(size))
-            complete = all(n == math.prod(shape) for shape, n in covered.values())
+                held_values[name] = (shape, held_values.get(name, (shape, 0))[1] + math.prod(size))
+            complete = all(n == math.prod(shape) for shape, n in held_values.values())
             self._shard_owner = owner if complete else {}
-            self._covered = {name: shape for name, (shape, _) in covered.items()}
             self._writer = SharedWriter()
         if not self._shard_owner:
             return None
@@ -379,13 +378,14 @@ class Trainer:
         dist.broadcast_object_list(target, src=0)
         if target[0] is None:
             return None
-        layout = dict(target[0].layout)
-        if any(self._covered.get(name) != tuple(shape) for name, shape in layout.items()):
+        layout = {name: tuple(shape) for name, shape in target[0].layout}
+        shapes = {name: shape for name, shape, _, _ in self._shard_owner}
+        if any(shapes.get(name) != shape for name, shape in layout.items()):
             if self.rank == 0:  # the whole weights then, checked against the pool's by the publisher
                 self._publisher.release_files()
             return None
-        ok = self._writer.write(target[0], [(name, o, v) for name, o, v in mine if name in layout and
-                                            self._shard_owner.get((name, layout[name], o, tuple(v.shape))) == self.rank])
+        ok = self._writer.write(target[0], [(k[0], k[2], v) for k, v in mine
+                                            if k[0] in layout and self._shard_owner.get(k) == self.rank])
         flag = torch.tensor([1 if ok else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if self.rank == 0:
@@ -395,7 +395,7 @@ class Trainer:
             return None
         if self.rank != 0:
             return {}
-        return self._timed_send(self._publisher.send_written, start, [self._publisher.buffers[0]], "shards")
+        return self._timed_send(self._publisher.send_written, start, [self._publisher.buffers[0]], from_shards=True)
 
     @property
     def can_evaluate(self) -> bool:

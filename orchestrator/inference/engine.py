@@ -294,7 +294,9 @@ class GenerationEngine:
         if self.fused:
             flat_parameters(model)
             self.linear = pick_linear(model.output.weight)
-        self._joined: tuple[tuple, list] = ((), [])
+        self._joined: tuple[tuple, list] = ((), [])  # (the parameters' memory and versions, per block)
+        self._parts = [(b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.mlp.w_gate.weight, b.mlp.w_up.weight)
+                       for b in model.layers.values()] if self.fused else []
         self.reset()
         self.preemptions = 0
         self.failures = 0
@@ -571,9 +573,6 @@ class GenerationEngine:
     def _joined_weights(self) -> list[tuple]:
         """Per block, what ``_blocks`` reads, (wq, wk, wv) and (w_gate, w_up) joined; the joined
         ones are made again when a parameter changes (its memory, or in place)."""
-        if not self._joined[1]:
-            self._parts = [(b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.mlp.w_gate.weight,
-                            b.mlp.w_up.weight) for b in self.model.layers.values()]
         key = tuple((w.data_ptr(), w._version) for ws in self._parts for w in ws)
         if key != self._joined[0]:
             layers = []

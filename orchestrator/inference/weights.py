@@ -291,7 +291,6 @@ class DirectPublisher:
         self.turn = 0  # the buffer the next publish writes
         self.session = ""  # new at each connection
         self.by_shared: set[str] = set()  # the replicas (actor ids) that read the buffers from shared memory
-        self.layout: list = []  # the replicas' parameter order and shapes, from the last plan
         self.plan: DirectPlan | None = None  # the last plan, its version that of the last publish
         self._store_handle = None
         self.files: list[str] = []  # the shared buffers' files, while others still have to map them
@@ -340,10 +339,9 @@ class DirectPublisher:
         if not self.buffers:
             self.buffers = [torch.empty(numel, dtype=dtype, device=device)]
         self.member_ids = [m[2] for m in plan.members]
-        self.layout = plan.layout
 
     def _fill(self, weights: dict) -> int | None:
-        """The weights, in ``self.layout``'s order, into the buffer the next publish writes (kept:
+        """The weights, in the last plan's layout, into the buffer the next publish writes (kept:
         no allocation, no page faults); the values written, or None where they do not fit.
 
         On the CPU in one thread: the copy is bound by memory, not cores, and a second thread
@@ -357,7 +355,7 @@ class DirectPublisher:
         if buffer.device.type == "cpu":
             torch.set_num_threads(1)
         try:
-            for name, shape in self.layout:
+            for name, shape in self.plan.layout:
                 n = math.prod(shape)
                 w = weights[name].detach()
                 if w.numel() != n:
@@ -381,12 +379,12 @@ class DirectPublisher:
         import ray
         import torch
 
-        self._drop_files()
+        self.release_files()
         store = self._store()
         asked = store.direct_plan.remote()
         device = "cuda" if any(w.is_cuda for w in weights.values()) else "cpu"
         early = None
-        if self.member_ids and self.buffers[0].device.type == device:
+        if self.member_ids and self.buffers[0].device.type == device:  # connected
             check(weights, self.plan.expected)  # the pool's names and shapes: before anything is sent
             filled = self._fill(weights)
             if filled is not None:
@@ -407,7 +405,7 @@ class DirectPublisher:
         if plan is None:
             return ray.get(store.publish.remote(weights), timeout=self.timeout_s)
         check(weights, plan.expected)
-        if [m[2] for m in plan.members] != self.member_ids or self.buffers[0].device.type != device:
+        if self._changed(plan, device):
             self._connect(plan, device, getattr(torch, plan.dtype))  # the first publish, or the replicas changed
         self.plan = plan
         filled = self._fill(weights)
@@ -424,21 +422,22 @@ class DirectPublisher:
         import ray
         import torch
 
-        self._drop_files()
+        self.release_files()
         plan: DirectPlan | None = ray.get(self._store().direct_plan.remote(), timeout=self.timeout_s)
         if plan is None:
             return None
-        if [m[2] for m in plan.members] != self.member_ids or self.buffers[0].device.type != "cpu":
+        if self._changed(plan, "cpu"):
             self._connect(plan, "cpu", getattr(torch, plan.dtype), keep_files=True)
         self.plan = plan
         if not self.by_shared or len(self.buffers) != 2:
             return None
         return SharedTarget(self.session, list(self.files), self.turn, plan.layout, plan.dtype)
 
-    def release_files(self) -> None:
-        self._drop_files()
+    def _changed(self, plan: DirectPlan, device: str) -> bool:
+        """Whether ``plan``'s replicas or the weights' device differ from the connection's."""
+        return [m[2] for m in plan.members] != self.member_ids or self.buffers[0].device.type != device
 
-    def _drop_files(self) -> None:
+    def release_files(self) -> None:
         for p in self.files:
             try:
                 os.unlink(p)
