@@ -150,3 +150,21 @@ def test_joined_projections_compute_what_the_blocks_compute(serve_source):
     with torch.no_grad():
         wk.mul_(1.5)  # in place: the copy is made again
     check()
+
+
+@pytest.mark.parametrize("sizing", ["bytes", "fraction"])
+def test_kv_cache_is_sized_from_bytes_or_a_fraction_of_free_memory(serve_source, monkeypatch, sizing):
+    """inference.kv_cache_bytes, or kv_cache_memory_fraction of what is free at start, sets the
+    cache: whole blocks of keys and values in every layer, fp32 here."""
+    from orchestrator.inference import replica
+    from orchestrator.inference.types import EngineOptions, kv_bytes_per_token
+
+    a = load_model(str(serve_source))[0].args
+    per_token = kv_bytes_per_token(a.n_layers, a.n_kv_heads, a.head_dim, 4)
+    budget = 700 * per_token + per_token // 2  # 700.5 tokens: 87 whole blocks of 8
+    monkeypatch.setattr(replica, "free_memory", lambda device: 4 * budget)
+    sized = {"kv_cache_bytes": budget} if sizing == "bytes" else {"kv_cache_memory_fraction": 0.25}
+    options = EngineOptions(block_size=8, threads=torch.get_num_threads(), **sized)
+    engine, _ = replica.build_engine(str(serve_source), options)
+    assert engine.k.shape == engine.v.shape == (a.n_layers, 87 * 8, a.n_kv_heads, a.head_dim)
+    assert engine.k.numel() * 4 * 2 == 87 * 8 * per_token <= budget

@@ -378,15 +378,21 @@ def test_serve_command_listens_on_loopback_only_and_stops_cleanly(serve_source):
 
     from orchestrator.worker import free_port
 
+    from orchestrator.inference.types import kv_bytes_per_token
+
+    a = load_model(str(serve_source))[0].args
+    cache_bytes = 512 * kv_bytes_per_token(a.n_layers, a.n_kv_heads, a.head_dim, 4)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"checkpoint={serve_source}",
-                             f"inference.port={port}", "inference.block_size=8", "inference.kv_cache_tokens=512"],
+                             f"inference.port={port}", "inference.block_size=8",
+                             f"inference.kv_cache_bytes={cache_bytes}"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines = [proc.stdout.readline()]  # the KV cache of each replica, then "serving ..." once it listens
         while lines[-1] and "serving" not in lines[-1]:
             lines.append(proc.stdout.readline())
-        assert "serving" in lines[-1] and "KV cache of 512 tokens" in lines[0], lines
+        assert "serving" in lines[-1], lines
+        assert f"KV cache of 512 tokens ({cache_bytes / 2**20:.1f} MiB)" in lines[0], lines
         client = Client(f"http://127.0.0.1:{port}")
         assert client.complete(PROMPTS[0], max_tokens=2)["choices"][0]["finish_reason"] == "length"
         tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
