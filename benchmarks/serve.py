@@ -7,7 +7,9 @@ the threads) driven over HTTP by that many client threads, each sending one prom
 (b) transformers' LlamaForCausalLM.generate on the exported model, the prompts in batches of that
 size (left padding, its KV cache), in this process with the same threads. Greedy decoding, the same
 prompts and max_tokens. Tokens/s counts generated tokens; latency is per request (for generate,
-a request's latency is its batch's time). The two alternate, level by level.
+a request's latency is its batch's time). The two alternate, level by level, for --rounds
+rounds (the machine's speed moves between runs: each level reports the median round of each,
+and every round's ratio).
 
 Then, on the engine alone: the cost of n=8 samples of one 128-token prompt (max_tokens=1: the
 prefill and first token) against one sample, and against 8 different prompts of that length; and
@@ -18,13 +20,14 @@ Then weight sync, for 1 and 2 replicas: the model's full weights published by th
 (weights.DirectPublisher: the replicas run on this node, so through its two buffers in shared
 memory; the JSON says how many replicas took which way) and through the store (Ray's object
 store), against plain in-memory copies of the same tensors: a clone (new memory: "copy") and a
-copy into memory already there ("memcpy"); medians of --sync-rounds; direct and copy rounds
-alternate, the store's come after.
+copy into memory already there ("memcpy"); medians of --sync-rounds, each timed from a short
+pause; direct and copy rounds alternate, the store's come after.
 
-Last, the machine's ceiling at the largest client count: the time of one decode step's linear
-layers alone (projections, MLP, output; no attention, cache, sampling or serving) for that many
-sequences, as tokens/s, its ratio to transformers' measured tokens/s (no engine can beat that
-ratio on this machine), and our fraction of it. Prints one JSON line last.
+The machine's ceiling at the largest client count: the time of one decode step's linear layers
+alone (projections, MLP, output through F.linear; no attention, cache, sampling or serving) for
+that many sequences, as tokens/s, measured in each round of that level between ours and
+transformers'; its ratio to transformers' tokens/s, and our fraction of it (medians of the
+rounds' ratios; a round's three run back to back, seconds apart). Prints one JSON line last.
 """
 from __future__ import annotations
 
@@ -99,6 +102,12 @@ def transformers_generate(model, tok, prompts: list[str], batch: int, max_tokens
             "tokens": tokens}
 
 
+# Before each timed copy or publish: the one before it leaves threads spinning and pages to give
+# back for a few milliseconds (a publish right after a clone and a copy took 10.7 ms, 8.9 ms after
+# a pause; the copies alike), which would be charged to whichever came next.
+SETTLE_S = 0.05
+
+
 def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
     """Direct and store sync of the full weights to every replica of ``pool`` against memcpy."""
     weights = {k: v.detach().clone() for k, v in load_model(checkpoint)[0].state_dict().items()
@@ -111,10 +120,12 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
     shared = 0
 
     def copy() -> None:
+        time.sleep(SETTLE_S)
         t = time.perf_counter()
         copied = {k: v.clone() for k, v in weights.items()}
         times["copy"].append(time.perf_counter() - t)
         del copied
+        time.sleep(SETTLE_S)
         t = time.perf_counter()
         offset = 0
         for v in weights.values():
@@ -125,12 +136,14 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
     # Direct and copy alternate; the store's rounds come after (each leaves the replicas and the
     # object store busy for a while, which would be charged to the next direct round).
     for _ in range(rounds):
+        time.sleep(SETTLE_S)
         t = time.perf_counter()
         result = publisher.publish(weights)
         times["direct"].append(time.perf_counter() - t)
         replicas["direct"], shared = result.replicas, result.shared_memory
         copy()
     for _ in range(rounds):
+        time.sleep(SETTLE_S)
         t = time.perf_counter()
         replicas["store"] = publish(pool, weights).replicas
         times["store"].append(time.perf_counter() - t)
@@ -204,9 +217,14 @@ def metric(text: str, name: str) -> dict[str, float]:
     return out
 
 
-def linear_ceiling(checkpoint: str, batch: int, rounds: int = 50) -> dict:
-    """Tokens/s if a decode step of ``batch`` sequences cost only its linear layers."""
-    model = load_model(checkpoint)[0]
+def median_round(rounds: list[dict]) -> dict:
+    """The round of median tokens/s (the lower middle one of an even count)."""
+    return sorted(rounds, key=lambda r: r["tokens_per_s"])[(len(rounds) - 1) // 2]
+
+
+def linear_ceiling(model, batch: int, rounds: int = 50) -> dict:
+    """Tokens/s if a decode step of ``batch`` sequences cost only its linear layers (``model``:
+    ours, loaded in this process)."""
     x = torch.randn(batch, 1, model.args.dim)
 
     def step() -> torch.Tensor:
@@ -237,6 +255,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--sync-rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of ours and transformers' at each level")
     args = ap.parse_args()
     import transformers
 
@@ -248,6 +267,7 @@ def main() -> None:
     tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     tok.padding_side = "left"
     hf = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    plain = load_model(args.checkpoint)[0]  # ours, for the linear layers' ceiling
 
     from orchestrator.cluster import init_loopback
 
@@ -261,11 +281,23 @@ def main() -> None:
     try:
         ours(server.url, prompts[:4], 4, 8)  # warm-up
         transformers_generate(hf, tok, prompts[:4], 4, 8)
+        ceilings = []
         for c in levels:  # alternate, so that a slow patch of the machine hits both
-            a = ours(server.url, prompts, c, args.max_tokens)
-            b = transformers_generate(hf, tok, prompts, c, args.max_tokens)
-            results["levels"][c] = {"ours": a, "transformers": b, "tokens_per_s_ratio": a["tokens_per_s"] / b["tokens_per_s"]}
-            print(json.dumps({"clients": c, **results["levels"][c]}), flush=True)
+            rounds: dict[str, list] = {"ours": [], "transformers": []}
+            for _ in range(args.rounds):
+                rounds["ours"].append(ours(server.url, prompts, c, args.max_tokens))
+                if c == max(levels):
+                    ceilings.append(linear_ceiling(plain, c))
+                rounds["transformers"].append(transformers_generate(hf, tok, prompts, c, args.max_tokens))
+            level = {k: median_round(v) for k, v in rounds.items()}
+            level["round_ratios"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(*rounds.values())]
+            level["tokens_per_s_ratio"] = statistics.median(level["round_ratios"])
+            if c == max(levels):
+                ours_tps = [r["tokens_per_s"] for r in rounds["ours"]]
+                hf_tps = [r["tokens_per_s"] for r in rounds["transformers"]]
+                ceiling_tps = [x["tokens_per_s"] for x in ceilings]
+            results["levels"][c] = level
+            print(json.dumps({"clients": c, **level}), flush=True)
         results["prefix_cache"] = prefix_workload(server.url, tok)
         print(json.dumps({"prefix_cache": results["prefix_cache"]}), flush=True)
         results["sync"]["1"] = sync_against_copy(cfg.inference.name, args.checkpoint, args.sync_rounds)
@@ -286,10 +318,11 @@ def main() -> None:
     print(json.dumps({"group": results["group"]}), flush=True)
     top = results["levels"][max(levels)]
     results["tokens_per_s_ratio_at_max_clients"] = top["tokens_per_s_ratio"]
-    ceiling = linear_ceiling(args.checkpoint, max(levels))
-    results["linear_ceiling"] = {**ceiling, "ratio_to_transformers":
-                                 ceiling["tokens_per_s"] / top["transformers"]["tokens_per_s"],
-                                 "our_fraction": top["ours"]["tokens_per_s"] / ceiling["tokens_per_s"]}
+    step_s = statistics.median(x["step_s"] for x in ceilings)
+    fractions = [a / b for a, b in zip(ours_tps, ceiling_tps)]
+    results["linear_ceiling"] = {"batch": max(levels), "step_s": step_s, "tokens_per_s": max(levels) / step_s,
+                                 "ratio_to_transformers": statistics.median(a / b for a, b in zip(ceiling_tps, hf_tps)),
+                                 "our_fraction": statistics.median(fractions), "round_fractions": fractions}
     print(json.dumps(results))
 
 
