@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from orchestrator.inference.engine import GenerationEngine
 from orchestrator.inference.replica import load_model
@@ -111,7 +112,8 @@ def test_joined_projections_compute_what_the_blocks_compute(serve_source):
     w_up) joined into one matrix each (views of the parameters, which it puts in one buffer). The
     modules' own forward gives the same greedy text and the same log-probabilities to rounding;
     new weights are used from the next step, whether copied in place or the parameters pointed
-    at new memory, and where the joined weights had to be copies."""
+    at new memory, and where the joined weights had to be copies; so are the matrices oneDNN
+    packs on the CPU."""
     from orchestrator.inference.engine import point_parameters
     from tests.serving import perturbed
 
@@ -129,7 +131,7 @@ def test_joined_projections_compute_what_the_blocks_compute(serve_source):
     fast = GenerationEngine(model, tok, eos, block_size=4, num_blocks=128, max_batch=8)
     modules = GenerationEngine(model, tok, eos, block_size=4, num_blocks=128, max_batch=8)
     modules.fused = False
-    assert fast.fused
+    assert fast.fused and fast.pack == (fast.linear is not F.linear)
     a, b = logprobs(fast), logprobs(modules)
     assert a.keys() == b.keys() and all(len(a[k]) == len(b[k]) for k in a)
     assert max(abs(x - y) for k in a for x, y in zip(a[k], b[k])) < 1e-4
@@ -150,6 +152,10 @@ def test_joined_projections_compute_what_the_blocks_compute(serve_source):
     with torch.no_grad():
         wk.mul_(1.5)  # in place: the copy is made again
     check()
+    for w in (model.layers["1"].attn.wo.weight, model.layers["0"].mlp.w_down.weight, model.output.weight):
+        with torch.no_grad():
+            w.mul_(1.5)  # one matrix in place: its packed copy is made again
+        check()
 
 
 @pytest.mark.parametrize("sizing", ["bytes", "fraction"])

@@ -35,6 +35,9 @@ class InferenceConfig:
     request_timeout_s: float = 300.0  # every request, streams included
     health_interval_s: float = 2.0  # how often the pool checks that idle replicas are alive
     quantize: str = "none"  # none | int8 (weight-only)
+    # On the CPU (fp32, oneDNN): also keep the linear layers' weights in oneDNN's packed layout, a
+    # second copy made again after each weight sync (its matmuls are 20-30% faster at 8-40 rows).
+    pack_weights: bool = True
     # Tensor-parallel ranks per replica (each a Ray actor with cpus_per_replica CPUs, or a GPU):
     # heads and the MLP split Megatron-style; must divide the model's heads, KV heads and ffn_dim.
     tp: int = 1
@@ -129,7 +132,7 @@ def engine_options(cfg: ServeConfig):
     i = cfg.inference
     return EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, kv_cache_bytes=i.kv_cache_bytes,
                          kv_cache_memory_fraction=i.kv_cache_memory_fraction, max_batch=i.max_batch,
-                         quantize=i.quantize, tp=i.tp, threads=i.cpus_per_replica)
+                         quantize=i.quantize, tp=i.tp, threads=i.cpus_per_replica, pack_weights=i.pack_weights)
 
 
 def compose(overrides: list[str] | None = None) -> ServeConfig:

@@ -73,7 +73,7 @@ def build_engine(checkpoint: str, options: EngineOptions, rank: int = 0, rendezv
                               num_blocks=options.num_blocks(kv_bytes_per_token(
                                   model.args.n_layers, model.args.n_kv_heads, model.args.head_dim,
                                   next(model.parameters()).element_size(), options.tp), free_memory(device)),
-                              max_batch=options.max_batch, tp=options.tp)
+                              max_batch=options.max_batch, tp=options.tp, pack_weights=options.pack_weights)
     return engine, tokenizer
 
 

@@ -23,6 +23,7 @@ class EngineOptions:
     quantize: str = "none"  # none | int8
     tp: int = 1  # tensor-parallel ranks
     threads: int = 1  # torch threads per rank
+    pack_weights: bool = True  # on the CPU, a packed copy of the linear weights (see GenerationEngine)
     tp_timeout_s: float = 120.0
 
     def num_blocks(self, bytes_per_token: int, free_bytes: int | None = None) -> int:
