@@ -314,6 +314,7 @@ class GenerationEngine:
         self.pack = pack_weights and self.linear is _onednn_linear and packs(model.output.weight)
         # (the parameters' memory and versions, per block the weights _blocks reads, the output's)
         self._joined: tuple[tuple, list, torch.Tensor | None] = ((), [], None)
+        self._held: list[torch.Tensor] = []
         self._parts = [(b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.mlp.w_gate.weight, b.mlp.w_up.weight,
                         b.attn.wo.weight, b.mlp.w_down.weight) for b in model.layers.values()] if self.fused else []
         self.reset()
@@ -593,9 +594,12 @@ class GenerationEngine:
         """Per block, what ``_blocks`` reads, (wq, wk, wv) and (w_gate, w_up) joined, the matrices
         packed where ``pack``; made again when a parameter changes (its memory, or in place)."""
         output = self.model.output.weight
-        key = tuple((w.data_ptr(), w._version) for ws in self._parts for w in ws) + (
-            (output.data_ptr(), output._version),)
+        weights = [w for ws in self._parts for w in ws] + [output]
+        key = tuple((w.data_ptr(), w._version) for w in weights)
         if key != self._joined[0]:
+            # The memory of the weights the key names stays held until the next change, so no
+            # new tensor can take its address (with a fresh version counter) and match the key.
+            self._held = [w.detach() for w in weights]
             pack = _onednn_pack if self.pack else (lambda w: w)
             layers = []
             for b, ws in zip(self.model.layers.values(), self._parts):
