@@ -102,9 +102,9 @@ def transformers_generate(model, tok, prompts: list[str], batch: int, max_tokens
             "tokens": tokens}
 
 
-# Before each timed copy or publish: the one before it leaves threads spinning and pages to give
-# back for a few milliseconds (a publish right after a clone and a copy took 10.7 ms, 8.9 ms after
-# a pause; the copies alike), which would be charged to whichever came next.
+# Before each timed run, copy or publish: the one before it leaves threads spinning and pages to
+# give back for a few milliseconds (a publish right after a clone and a copy took 10.7 ms, 8.9 ms
+# after a pause; the copies alike), which would be charged to whichever came next.
 SETTLE_S = 0.05
 
 
@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--sync-rounds", type=int, default=5)
+    ap.add_argument("--sync-rounds", type=int, default=9)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of ours and transformers' at each level")
     args = ap.parse_args()
     import transformers
@@ -285,9 +285,12 @@ def main() -> None:
         for c in levels:  # alternate, so that a slow patch of the machine hits both
             rounds: dict[str, list] = {"ours": [], "transformers": []}
             for _ in range(args.rounds):
+                time.sleep(SETTLE_S)
                 rounds["ours"].append(ours(server.url, prompts, c, args.max_tokens))
                 if c == max(levels):
+                    time.sleep(SETTLE_S)
                     ceilings.append(linear_ceiling(plain, c))
+                time.sleep(SETTLE_S)
                 rounds["transformers"].append(transformers_generate(hf, tok, prompts, c, args.max_tokens))
             level = {k: median_round(v) for k, v in rounds.items()}
             level["round_ratios"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(*rounds.values())]
