@@ -152,7 +152,7 @@ def sync_against_copy(pool: str, checkpoint: str, rounds: int) -> dict:
             "direct_from_shared_memory": shared, "direct_through_group": replicas["direct"] - shared,
             "direct_s": med["direct"], "store_s": med["store"], "copy_s": med["copy"], "memcpy_s": med["memcpy"],
             "direct_over_copy": med["direct"] / med["copy"], "direct_over_memcpy": med["direct"] / med["memcpy"],
-            "store_over_copy": med["store"] / med["copy"]}
+            "store_over_copy": med["store"] / med["copy"], "rounds_s": times}
 
 
 def group_cost(checkpoint: str, threads: int, n: int = 8, length: int = 128, rounds: int = 5) -> dict:
@@ -274,7 +274,7 @@ def main() -> None:
     init_loopback(num_cpus=max(args.threads, 4), include_dashboard=False, log_to_driver=False)
     cfg = compose([f"checkpoint={args.checkpoint}", "inference.replicas=1", "inference.port=0",
                    f"inference.cpus_per_replica={args.threads}", f"inference.max_batch={max(levels)}",
-                   f"inference.queue_limit={4 * max(levels)}"])
+                   f"inference.queue_limit={max(4 * max(levels), 32)}"])
     server = Background(build(cfg))
     results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "threads": args.threads, "levels": {},
                      "sync": {}}

@@ -342,6 +342,8 @@ class DirectPublisher:
             ray.get(joined, timeout=self.timeout_s)
         if not self.buffers:
             self.buffers = [torch.empty(numel, dtype=dtype, device=device)]
+        for buffer in self.buffers:  # every page touched now, not by the first publish into it
+            buffer.zero_()
         self.member_ids = [m[2] for m in plan.members]
 
     def _fill(self, weights: dict) -> int | None:
