@@ -309,7 +309,7 @@ class GenerationEngine:
             flat_parameters(model)
             self.linear = pick_linear(model.output.weight)
         # With oneDNN: the matrices also packed in its blocked layout (a second copy of the linear
-        # weights, made again after each weight change: 25-45 ms for the 12M model here), which its
+        # weights, made again after each weight change: 23-43 ms for the 12M model here), which its
         # matmuls read 20-30% faster at 8-40 rows here.
         self.pack = pack_weights and self.linear is _onednn_linear and packs(model.output.weight)
         # (the parameters' memory and versions, per block the weights _blocks reads, the output's)
