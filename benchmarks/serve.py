@@ -261,7 +261,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     prompts = prompts_from_corpus(args.prompts)
-    levels = [int(c) for c in args.clients.split(",")]
+    levels = sorted(int(c) for c in args.clients.split(","))  # the largest last: its rounds carry the ceiling
     hf_dir = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "hf"
     export(args.checkpoint, hf_dir)
     tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
@@ -295,10 +295,7 @@ def main() -> None:
             level = {k: median_round(v) for k, v in rounds.items()}
             level["round_ratios"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(*rounds.values())]
             level["tokens_per_s_ratio"] = statistics.median(level["round_ratios"])
-            if c == max(levels):
-                ours_tps = [r["tokens_per_s"] for r in rounds["ours"]]
-                hf_tps = [r["tokens_per_s"] for r in rounds["transformers"]]
-                ceiling_tps = [x["tokens_per_s"] for x in ceilings]
+            top_rounds = {k: [r["tokens_per_s"] for r in v] for k, v in rounds.items()}  # the last level's
             results["levels"][c] = level
             print(json.dumps({"clients": c, **level}), flush=True)
         results["prefix_cache"] = prefix_workload(server.url, tok)
@@ -322,9 +319,11 @@ def main() -> None:
     top = results["levels"][max(levels)]
     results["tokens_per_s_ratio_at_max_clients"] = top["tokens_per_s_ratio"]
     step_s = statistics.median(x["step_s"] for x in ceilings)
-    fractions = [a / b for a, b in zip(ours_tps, ceiling_tps)]
+    ceiling_tps = [x["tokens_per_s"] for x in ceilings]
+    fractions = [a / b for a, b in zip(top_rounds["ours"], ceiling_tps)]
     results["linear_ceiling"] = {"batch": max(levels), "step_s": step_s, "tokens_per_s": max(levels) / step_s,
-                                 "ratio_to_transformers": statistics.median(a / b for a, b in zip(ceiling_tps, hf_tps)),
+                                 "ratio_to_transformers": statistics.median(
+                                     a / b for a, b in zip(ceiling_tps, top_rounds["transformers"])),
                                  "our_fraction": statistics.median(fractions), "round_fractions": fractions}
     print(json.dumps(results))
 

@@ -244,29 +244,24 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
-def packs(weight: torch.Tensor) -> bool:
-    """Whether ``_onednn_linear`` over the packed ``weight`` agrees with F.linear to rounding."""
+def _onednn_agrees(weight: torch.Tensor, prepare=lambda w: w) -> bool:
+    """Whether ``_onednn_linear`` over ``prepare(weight)`` agrees with F.linear over the weight to
+    rounding on a probe input (False where oneDNN cannot take it)."""
     x = torch.linspace(-1, 1, 8 * weight.shape[1]).view(8, -1)
     try:
-        return torch.allclose(_onednn_linear(x, _onednn_pack(weight)), F.linear(x, weight), rtol=1e-4, atol=1e-5)
+        return torch.allclose(_onednn_linear(x, prepare(weight)), F.linear(x, weight), rtol=1e-4, atol=1e-5)
     except RuntimeError:
         return False
 
 
 def pick_linear(weight: torch.Tensor):
     """The matmul of the engine's linear layers for weights like ``weight``. On the CPU in fp32,
-    oneDNN's (it reads the weight as it is: no copy, nothing to redo when the weights change):
-    measured 1.2-2x faster than F.linear for the 1-64 rows of a decode step on this project's
-    CPU. Elsewhere, or if oneDNN is missing or disagrees beyond rounding, F.linear."""
+    oneDNN's: measured 1.2-2x faster than F.linear for the 1-64 rows of a decode step on this
+    project's CPU (faster again over packed weights: see GenerationEngine). Elsewhere, or if
+    oneDNN is missing or disagrees beyond rounding, F.linear."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return F.linear
-    x = torch.linspace(-1, 1, 3 * weight.shape[1]).view(3, -1)
-    try:
-        if torch.allclose(_onednn_linear(x, weight), F.linear(x, weight), rtol=1e-4, atol=1e-5):
-            return _onednn_linear
-    except RuntimeError:
-        pass
-    return F.linear
+    return _onednn_linear if _onednn_agrees(weight) else F.linear
 
 
 def fusable(model: Llama) -> bool:
@@ -311,7 +306,7 @@ class GenerationEngine:
         # With oneDNN: the matrices also packed in its blocked layout (a second copy of the linear
         # weights, made again after each weight change: 23-43 ms for the 12M model here), which its
         # matmuls read 20-30% faster at 8-40 rows here.
-        self.pack = pack_weights and self.linear is _onednn_linear and packs(model.output.weight)
+        self.pack = pack_weights and self.linear is _onednn_linear and _onednn_agrees(model.output.weight, _onednn_pack)
         # (the parameters' memory and versions, per block the weights _blocks reads, the output's)
         self._joined: tuple[tuple, list, torch.Tensor | None] = ((), [], None)
         self._held: list[torch.Tensor] = []
@@ -639,7 +634,7 @@ class GenerationEngine:
         m = self.model
         if not self.fused:
             return m.output(m.norm(h))
-        self._joined_weights()
+        # The output matrix as _blocks, earlier in this forward, left it (weights change between steps).
         return self.linear(F.rms_norm(h, m.norm.normalized_shape, m.norm.weight, m.norm.eps), self._joined[2])
 
     def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
