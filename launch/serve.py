@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         i = cfg.inference
         for n, info in enumerate(server.pool.info):
             print(f"replica {n}: KV cache of {info.kv_cache_tokens} tokens ({info.kv_cache_bytes / 2**20:.1f} MiB) "
-                  f"on {info.device}", flush=True)
+                  f"on {info.device}, decode attention: {info.attention}", flush=True)
         ready = f"serving {cfg.checkpoint} with {i.replicas} replica(s) on http://{i.host}:{i.port}"
         # aiohttp calls ``print`` once the socket listens.
         web.run_app(server.app, host=i.host, port=i.port, print=lambda _: print(ready, flush=True), access_log=None,

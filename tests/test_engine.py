@@ -174,3 +174,57 @@ def test_kv_cache_is_sized_from_bytes_or_a_fraction_of_free_memory(serve_source,
     engine, _ = replica.build_engine(str(serve_source), options)
     assert engine.k.shape == engine.v.shape == (a.n_layers, 87 * 8, a.n_kv_heads, a.head_dim)
     assert engine.k.numel() * 4 * 2 == 87 * 8 * per_token <= budget
+
+
+@pytest.mark.parametrize("heads,kv_heads,block_size", [(6, 6, 16), (4, 2, 4), (8, 1, 8)])
+def test_native_decode_attention_matches_sdpa_over_the_gathered_blocks(heads, kv_heads, block_size):
+    """The C kernel against scaled_dot_product_attention over each sequence's blocks gathered in
+    order: lengths from 1 to several blocks, scattered and shared blocks, grouped KV heads, a
+    query that is a strided view (as the engine passes it)."""
+    from orchestrator.inference import kernels
+
+    kernel = kernels.paged_decode_attention()
+    assert kernel is not None, kernels.unavailable_reason  # this project's machines have a C compiler
+    g = torch.Generator().manual_seed(0)
+    dim, n_blocks = 64, 40
+    k = torch.randn(n_blocks * block_size, kv_heads, dim, generator=g)
+    v = torch.randn(n_blocks * block_size, kv_heads, dim, generator=g)
+    lengths = torch.tensor([1, block_size, block_size + 1, 3 * block_size - 2, 5 * block_size, 2])
+    width = int(max((lengths + block_size - 1) // block_size))
+    table = torch.randperm(n_blocks, generator=g)[: len(lengths) * width].view(len(lengths), width).contiguous()
+    table[5, 0] = table[4, 0]  # a block two sequences share
+    qk = torch.randn(len(lengths), heads + kv_heads, dim, generator=g) * 3
+    q = qk[:, :heads]
+    out = torch.full((len(lengths), heads, dim), float("nan"))
+    kernel(q, k, v, table, lengths, block_size, out)
+    for b, length in enumerate(lengths.tolist()):
+        slots = [int(table[b, p // block_size]) * block_size + p % block_size for p in range(length)]
+        keys, values = (x[slots].transpose(0, 1) for x in (k, v))  # (kv_heads, length, dim)
+        want = F.scaled_dot_product_attention(q[b][:, None], keys, values, enable_gqa=heads != kv_heads)[:, 0]
+        torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_decode_attention_gives_the_plain_models_text_and_falls_back_without_a_compiler(
+        plain, monkeypatch, tmp_path):
+    """The engine with the kernel (the default here) and without it: the plain model's greedy
+    text both ways. Where no compiler can build it the engine says why and gathers instead."""
+    from orchestrator.inference import kernels
+
+    model, tok, eos = plain
+    prompts = PROMPTS[:4]
+    want = {str(i): reference(model, tok, eos, p, 30) for i, p in enumerate(prompts)}
+
+    def texts(**kw) -> tuple[dict[str, str], str]:
+        engine = GenerationEngine(model, tok, eos, block_size=8, num_blocks=64, max_batch=4, **kw)
+        return run(engine, [Request(str(i), ids(tok, p), 30) for i, p in enumerate(prompts)]), engine.attention
+
+    assert texts() == (want, "native kernel")
+    assert texts(native_attention=False) == (want, "gather + SDPA")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("FORGELINE_KERNEL_CACHE", str(tmp_path / "kernels"))
+    kernels.paged_decode_attention.cache_clear()
+    try:
+        got, how = texts()
+    finally:
+        kernels.paged_decode_attention.cache_clear()
+    assert got == want and how.startswith("gather + SDPA (the C compiler") and "no-such-cc" in how

@@ -38,6 +38,10 @@ class InferenceConfig:
     # On the CPU (fp32, oneDNN): also keep the linear layers' weights in oneDNN's packed layout, a
     # second copy made again after each weight sync (its matmuls are 20-30% faster at 8-40 rows).
     pack_weights: bool = True
+    # On the CPU (fp32): decode attention by the engine's C kernel, straight from the paged cache
+    # (built at first use with the machine's C compiler; without one, as with false: the blocks
+    # gathered and scaled_dot_product_attention).
+    native_attention: bool = True
     # Tensor-parallel ranks per replica (each a Ray actor with cpus_per_replica CPUs, or a GPU):
     # heads and the MLP split Megatron-style; must divide the model's heads, KV heads and ffn_dim.
     tp: int = 1
@@ -132,7 +136,8 @@ def engine_options(cfg: ServeConfig):
     i = cfg.inference
     return EngineOptions(block_size=i.block_size, kv_cache_tokens=i.kv_cache_tokens, kv_cache_bytes=i.kv_cache_bytes,
                          kv_cache_memory_fraction=i.kv_cache_memory_fraction, max_batch=i.max_batch,
-                         quantize=i.quantize, tp=i.tp, threads=i.cpus_per_replica, pack_weights=i.pack_weights)
+                         quantize=i.quantize, tp=i.tp, threads=i.cpus_per_replica, pack_weights=i.pack_weights,
+                         native_attention=i.native_attention)
 
 
 def compose(overrides: list[str] | None = None) -> ServeConfig:

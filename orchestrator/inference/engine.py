@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from orchestrator.inference import kernels
 from orchestrator.inference.types import MAX_LOGPROBS, MAX_SEED, Event, Request, Stats, TokenLogprob
 from orchestrator.models.llama import Llama, causal_attention, rotate, rotation
 
@@ -277,7 +278,8 @@ def fusable(model: Llama) -> bool:
 
 class GenerationEngine:
     def __init__(self, model: Llama, tokenizer, eos_id: int, block_size: int = 16, num_blocks: int = 512,
-                 max_batch: int = 32, tp: int = 1, prefix_cache: bool = True, pack_weights: bool = True):
+                 max_batch: int = 32, tp: int = 1, prefix_cache: bool = True, pack_weights: bool = True,
+                 native_attention: bool = True):
         a = model.args
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -296,6 +298,16 @@ class GenerationEngine:
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.use_prefix_cache = prefix_cache
+        # Decode steps on the CPU in fp32: attention by the native kernel straight from the cache
+        # (kernels.py); elsewhere, for several new tokens per sequence, or where the kernel cannot
+        # be built, the blocks gathered and scaled_dot_product_attention.
+        self.kernel = None
+        self.attention = "gather + SDPA"
+        if native_attention and self.k.device.type == "cpu" and self.k.dtype == torch.float32:
+            self.kernel = kernels.paged_decode_attention()
+            self.attention = "native kernel" if self.kernel else f"{self.attention} ({kernels.unavailable_reason})"
+        elif native_attention:
+            self.attention += f" (no native kernel for {self.k.dtype} on {self.k.device.type})"
         # Blocks run from their weights, the projections that read one input joined into one
         # matrix (a view: the parameters are put end to end in one buffer here).
         self.fused = fusable(model)
@@ -685,23 +697,61 @@ class GenerationEngine:
         dev = self.k.device
         n = len(seqs)
         starts = torch.tensor([s.cached for s in seqs], device=dev)
-        counts = torch.tensor([len(s.tokens) - s.cached for s in seqs], device=dev)
-        t = int(counts.max())
+        counts = [len(s.tokens) - s.cached for s in seqs]
+        t = max(counts)
         ids = torch.tensor([s.tokens[s.cached:] + [0] * (t - len(s.tokens) + s.cached) for s in seqs], device=dev)
         table = self._block_table(seqs)
-        slot_table = self._slots(table)
-        span = slot_table.shape[1]
         pos = starts[:, None] + torch.arange(t, device=dev)[None, :]  # (n, t) positions of the new tokens
-        real = torch.arange(t, device=dev)[None, :] < counts[:, None]
-        rows, cols = real.nonzero(as_tuple=True)
-        new_slots = slot_table[rows, pos[rows, cols]]
-        # A query at position p sees the keys at positions 0..p: an additive mask, made once for
-        # every layer (a boolean one is turned into this by each attention call).
-        mask = torch.zeros((n, 1, t, span), dtype=self.k.dtype, device=dev).masked_fill_(
-            (torch.arange(span, device=dev)[None, None, :] > pos[:, :, None])[:, None], float("-inf"))
         clamped = pos.clamp(max=self.max_seq_len - 1)
         cos, sin = m.rope_cos[clamped][:, None], m.rope_sin[clamped][:, None]
+        if t == 1:  # a decode step: one new token per sequence
+            bs = self.block_size
+            new_slots = torch.tensor([s.blocks[s.cached // bs] * bs + s.cached % bs for s in seqs], device=dev)
 
+            def new(x: torch.Tensor) -> torch.Tensor:
+                return x[:, :, 0]
+        else:
+            real = torch.arange(t, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]
+            rows, cols = real.nonzero(as_tuple=True)
+            new_slots = self._slots(table)[rows, pos[rows, cols]]
+
+            def new(x: torch.Tensor) -> torch.Tensor:
+                return x[rows, :, cols]
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.k[i], self.v[i]
+            keys.index_copy_(0, new_slots, new(k))
+            values.index_copy_(0, new_slots, new(v))
+            return keys, values
+
+        if t == 1 and self.kernel is not None:
+            lengths = starts + 1
+            kernel = self.kernel
+
+            def attend(i: int):
+                def fn(q, k, v):
+                    keys, values = write(i, k, v)
+                    out = torch.empty((n, 1, q.shape[1], q.shape[3]), dtype=q.dtype, device=dev)
+                    kernel(q[:, :, 0], keys, values, table, lengths, self.block_size, out[:, 0])
+                    return out.transpose(1, 2)
+                return fn
+        else:
+            attend = self._gathered(write, table, pos)
+        h = self._blocks(m.tok_embeddings(ids), cos, sin, attend)
+        for s in seqs:
+            s.cached = len(s.tokens)
+        return self._logits(h[torch.arange(n, device=dev), torch.tensor(counts, device=dev) - 1])
+
+    def _gathered(self, write, table: torch.Tensor, pos: torch.Tensor):
+        """Attention over each sequence's blocks gathered into one padded batch, with
+        scaled_dot_product_attention (any device, dtype and number of new tokens)."""
+        dev = self.k.device
+        n = len(table)
+        span = table.shape[1] * self.block_size
+        # A query at position p sees the keys at positions 0..p: an additive mask, made once for
+        # every layer (a boolean one is turned into this by each attention call).
+        mask = torch.zeros((n, 1, pos.shape[1], span), dtype=self.k.dtype, device=dev).masked_fill_(
+            (torch.arange(span, device=dev)[None, None, :] > pos[:, :, None])[:, None], float("-inf"))
         blocks = table.flatten()
         # One pair of buffers for every layer's gathered keys and values (a layer is done with
         # them before the next starts), gathered block by block (slot by slot: 1.5-2x slower).
@@ -710,20 +760,14 @@ class GenerationEngine:
 
         def attend(i: int):
             def fn(q, k, v):
-                keys, values = self.k[i], self.v[i]
-                keys.index_copy_(0, new_slots, k[rows, :, cols])
-                values.index_copy_(0, new_slots, v[rows, :, cols])
+                keys, values = write(i, k, v)
                 # index_select copies whole rows: 5x faster here than indexing with the table.
                 torch.index_select(keys.view(-1, ks.numel() // len(blocks)), 0, blocks, out=ks.view(rows_of))
                 torch.index_select(values.view(-1, ks.numel() // len(blocks)), 0, blocks, out=vs.view(rows_of))
                 kt, vt = (x.view(n, span, *x.shape[1:]).transpose(1, 2) for x in (ks, vs))
                 return F.scaled_dot_product_attention(q, kt, vt, attn_mask=mask, enable_gqa=q.shape[1] != kt.shape[1])
             return fn
-
-        h = self._blocks(m.tok_embeddings(ids), cos, sin, attend)
-        for s in seqs:
-            s.cached = len(s.tokens)
-        return self._logits(h[torch.arange(n, device=dev), counts - 1])
+        return attend
 
     def stats(self) -> Stats:
         p = self.prefix

@@ -73,7 +73,8 @@ def build_engine(checkpoint: str, options: EngineOptions, rank: int = 0, rendezv
                               num_blocks=options.num_blocks(kv_bytes_per_token(
                                   model.args.n_layers, model.args.n_kv_heads, model.args.head_dim,
                                   next(model.parameters()).element_size(), options.tp), free_memory(device)),
-                              max_batch=options.max_batch, tp=options.tp, pack_weights=options.pack_weights)
+                              max_batch=options.max_batch, tp=options.tp, pack_weights=options.pack_weights,
+                              native_attention=options.native_attention)
     return engine, tokenizer
 
 
@@ -191,7 +192,8 @@ class Replica:
                         except Exception:  # gone too: the next holder
                             continue
         e = self.engine
-        return ReplicaInfo(os.getpid(), str(e.k.device), self.version, e.pool.total * e.block_size, e.cache_bytes)
+        return ReplicaInfo(os.getpid(), str(e.k.device), self.version, e.pool.total * e.block_size, e.cache_bytes,
+                           e.attention)
 
     async def _run(self) -> None:
         while True:

@@ -24,6 +24,7 @@ class EngineOptions:
     tp: int = 1  # tensor-parallel ranks
     threads: int = 1  # torch threads per rank
     pack_weights: bool = True  # on the CPU, a packed copy of the linear weights (see GenerationEngine)
+    native_attention: bool = True  # on the CPU, decode attention by the C kernel (see kernels.py)
     tp_timeout_s: float = 120.0
 
     def num_blocks(self, bytes_per_token: int, free_bytes: int | None = None) -> int:
@@ -97,6 +98,7 @@ class ReplicaInfo:
     weights_version: int  # 0: the checkpoint's weights; else the weight store's version
     kv_cache_tokens: int = 0
     kv_cache_bytes: int = 0
+    attention: str = ""  # how decode steps attend: "native kernel", or why "gather + SDPA"
 
 
 @dataclass
