@@ -393,6 +393,7 @@ def test_serve_command_listens_on_loopback_only_and_stops_cleanly(serve_source):
             lines.append(proc.stdout.readline())
         assert "serving" in lines[-1], lines
         assert f"KV cache of 512 tokens ({cache_bytes / 2**20:.1f} MiB)" in lines[0], lines
+        assert lines[0].rstrip().endswith("decode attention: native kernel"), lines
         client = Client(f"http://127.0.0.1:{port}")
         assert client.complete(PROMPTS[0], max_tokens=2)["choices"][0]["finish_reason"] == "length"
         tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
