@@ -27,7 +27,8 @@ The machine's ceiling at the largest client count: the time of one decode step's
 alone (projections, MLP, output through F.linear; no attention, cache, sampling or serving) for
 that many sequences, as tokens/s, measured in each round of that level between ours and
 transformers'; its ratio to transformers' tokens/s, and our fraction of it (medians of the
-rounds' ratios; a round's three run back to back, seconds apart). Prints one JSON line last.
+rounds' ratios; a round's three run back to back, seconds apart). Prints one JSON line last,
+which also names how the replica's decode steps attend ("native kernel", or gather + SDPA).
 """
 from __future__ import annotations
 
@@ -277,7 +278,7 @@ def main() -> None:
                    f"inference.queue_limit={max(4 * max(levels), 32)}"])
     server = Background(build(cfg))
     results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "threads": args.threads, "levels": {},
-                     "sync": {}}
+                     "sync": {}, "decode_attention": server.server.pool.info[0].attention}
     try:
         ours(server.url, prompts[:4], 4, 8)  # warm-up
         transformers_generate(hf, tok, prompts[:4], 4, 8)
