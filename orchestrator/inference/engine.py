@@ -699,6 +699,7 @@ class GenerationEngine:
         starts = torch.tensor([s.cached for s in seqs], device=dev)
         counts = [len(s.tokens) - s.cached for s in seqs]
         t = max(counts)
+        counted = torch.tensor(counts, device=dev)
         ids = torch.tensor([s.tokens[s.cached:] + [0] * (t - len(s.tokens) + s.cached) for s in seqs], device=dev)
         table = self._block_table(seqs)
         pos = starts[:, None] + torch.arange(t, device=dev)[None, :]  # (n, t) positions of the new tokens
@@ -711,7 +712,7 @@ class GenerationEngine:
             def new(x: torch.Tensor) -> torch.Tensor:
                 return x[:, :, 0]
         else:
-            real = torch.arange(t, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]
+            real = torch.arange(t, device=dev)[None, :] < counted[:, None]
             rows, cols = real.nonzero(as_tuple=True)
             new_slots = self._slots(table)[rows, pos[rows, cols]]
 
@@ -740,7 +741,7 @@ class GenerationEngine:
         h = self._blocks(m.tok_embeddings(ids), cos, sin, attend)
         for s in seqs:
             s.cached = len(s.tokens)
-        return self._logits(h[torch.arange(n, device=dev), torch.tensor(counts, device=dev) - 1])
+        return self._logits(h[torch.arange(n, device=dev), counted - 1])
 
     def _gathered(self, write, table: torch.Tensor, pos: torch.Tensor):
         """Attention over each sequence's blocks gathered into one padded batch, with
